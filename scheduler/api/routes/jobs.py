@@ -1,0 +1,67 @@
+"""Jobs: submit, list, inspect, read logs, cancel (engineers and admins; partner managers
+may read)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, status
+
+from scheduler.api.deps import BackendDep, PrincipalDep, SessionDep
+from scheduler.db.types import utcnow
+from scheduler.domain.enums import JobStatus, Role
+from scheduler.domain.jobspec import JobSpec
+from scheduler.schemas import JobDetail, JobLogs, JobPublic
+from scheduler.services import jobs as svc
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail)
+def submit(spec: JobSpec, session: SessionDep, who: PrincipalDep) -> JobDetail:
+    who.require(Role.engineer)
+    job = svc.submit_job(session, spec=spec, owner=who.name, now=utcnow())
+    return svc.job_detail(session, job=job)
+
+
+@router.get("", response_model=list[JobPublic])
+def list_jobs(
+    session: SessionDep,
+    who: PrincipalDep,
+    status_: JobStatus | None = Query(default=None, alias="status"),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> list[JobPublic]:
+    who.require(Role.engineer, Role.partner_manager)
+    return [svc.job_public(j) for j in svc.list_jobs(session, status=status_, limit=limit)]
+
+
+@router.get("/{job_id}", response_model=JobDetail)
+def get_job(job_id: int, session: SessionDep, who: PrincipalDep) -> JobDetail:
+    who.require(Role.engineer, Role.partner_manager)
+    return svc.job_detail(session, job=svc.get_job(session, job_id=job_id))
+
+
+@router.get("/{job_id}/logs", response_model=JobLogs)
+def get_logs(job_id: int, session: SessionDep, who: PrincipalDep, backend: BackendDep) -> JobLogs:
+    """Live output while the job runs; the kept tail once its workers are gone."""
+    who.require(Role.engineer)
+    svc.get_job(session, job_id=job_id)
+    alloc = svc.latest_allocation(session, job_id=job_id)
+    if alloc is None or alloc.id is None:
+        return JobLogs(job_id=job_id, allocation_id=None, live=False, logs={})
+    if alloc.ended_at is None and backend is not None and alloc.id in backend.active():
+        return JobLogs(
+            job_id=job_id, allocation_id=alloc.id, live=True, logs=backend.logs(alloc.id)
+        )
+    return JobLogs(
+        job_id=job_id,
+        allocation_id=alloc.id,
+        live=False,
+        logs=svc.stored_logs(session, allocation_id=alloc.id),
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobDetail)
+def cancel(job_id: int, session: SessionDep, who: PrincipalDep) -> JobDetail:
+    """Cancel a pending or running job; the scheduler stops its workers within a cycle."""
+    who.require(Role.engineer)
+    job = svc.cancel_job(session, job_id=job_id, now=utcnow())
+    return svc.job_detail(session, job=job)

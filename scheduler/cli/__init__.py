@@ -1,0 +1,1 @@
+"""The ``andromeda`` command line: one module per group of commands."""

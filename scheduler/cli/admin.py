@@ -1,0 +1,231 @@
+"""Control-plane commands: server, db upgrade, tokens, providers, nodes."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from scheduler.cli.common import client_from, handle_errors, server_options
+from scheduler.cli.output import ago, table
+from scheduler.config import Settings
+from scheduler.domain.enums import CommitmentLevel, Role
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address [default: 127.0.0.1].")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="[default: 8700]")
+@click.option(
+    "--ray-address",
+    default=None,
+    envvar="RAY_ADDRESS",
+    show_envvar=True,
+    help="Ray cluster (GCS host:port). Without it the API runs but nothing is placed.",
+)
+@click.option("--no-scheduler", is_flag=True, help="Serve the API only (no scheduling loop).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+def server(
+    host: str | None, port: int | None, ray_address: str | None, no_scheduler: bool, log_level: str
+) -> None:
+    """Run the control plane: migrations, REST API, scheduler loop.
+
+    The database is DATABASE_URL (default: a SQLite file under ~/.andromeda).
+    """
+    import uvicorn
+
+    from scheduler.api.app import create_app
+    from scheduler.db.migrate import upgrade
+
+    overrides: dict[str, object] = {}
+    if host:
+        overrides["host"] = host
+    if port:
+        overrides["port"] = port
+    if ray_address:
+        overrides["ray_address"] = ray_address
+    if no_scheduler:
+        overrides["scheduler_enabled"] = False
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    upgrade(settings.database_url)
+    if not settings.ray_address and settings.scheduler_enabled:
+        click.echo("warning: no --ray-address/RAY_ADDRESS: jobs will queue but not run", err=True)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+@click.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Create or upgrade the schema of DATABASE_URL to the latest migration."""
+    from scheduler.db.migrate import upgrade
+
+    settings = Settings()
+    upgrade(settings.database_url)
+    click.echo(f"schema up to date ({_safe_url(settings.database_url)})")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@click.group()
+def token() -> None:
+    """API tokens."""
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Who or what the token is for.")
+@click.option("--role", required=True, type=click.Choice([r.value for r in Role]))
+@click.option("--provider", help="The provider a provider token acts for.")
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Write straight to DATABASE_URL (for the first admin token); otherwise ask "
+    "the server with an admin token.",
+)
+@click.option("--server", envvar="ANDROMEDA_SERVER", default="http://127.0.0.1:8700")
+@click.option("--token", "admin_token", envvar="ANDROMEDA_TOKEN", default=None)
+@handle_errors
+def token_create(
+    name: str, role: str, provider: str | None, local: bool, server: str, admin_token: str | None
+) -> None:
+    """Create a token and print its secret (shown only this once)."""
+    if local:
+        from scheduler.db.engine import make_engine, session_scope
+        from scheduler.db.migrate import upgrade
+        from scheduler.errors import AndromedaError
+        from scheduler.services.tokens import create_token
+
+        settings = Settings()
+        upgrade(settings.database_url)
+        try:
+            with session_scope(make_engine(settings.database_url)) as session:
+                _, secret = create_token(
+                    session, name=name, role=Role(role), provider_name=provider
+                )
+        except AndromedaError as exc:
+            raise click.ClickException(exc.message) from exc
+    else:
+        if not admin_token:
+            raise click.UsageError("pass --token (an admin token) or --local")
+        with client_from(server, admin_token) as api:
+            body = {"name": name, "role": role, "provider": provider}
+            secret = api.request("POST", "/v1/tokens", json=body)["token"]
+    click.echo(secret)
+
+
+@click.group()
+def provider() -> None:
+    """Compute providers and their agreements."""
+
+
+@provider.command("create")
+@click.argument("name")
+@click.option("--display-name")
+@click.option(
+    "--level",
+    required=True,
+    type=click.Choice([lvl.value for lvl in CommitmentLevel]),
+    help="Commitment level of the first agreement.",
+)
+@click.option("--committed-gpus", type=click.IntRange(0), help="GPUs promised (reserved).")
+@click.option("--committed-gpu-hours", type=click.IntRange(0), help="GPU-hours per month.")
+@click.option("--notice-days", type=click.IntRange(0), default=0, show_default=True)
+@server_options
+@handle_errors
+def provider_create(
+    name: str,
+    display_name: str | None,
+    level: str,
+    committed_gpus: int | None,
+    committed_gpu_hours: int | None,
+    notice_days: int,
+    server: str,
+    token: str,
+) -> None:
+    """Create a provider with its first agreement."""
+    with client_from(server, token) as api:
+        api.request("POST", "/v1/providers", json={"name": name, "display_name": display_name})
+        api.request(
+            "POST",
+            f"/v1/providers/{name}/agreements",
+            json={
+                "level": level,
+                "committed_gpus": committed_gpus,
+                "committed_gpu_hours_per_month": committed_gpu_hours,
+                "notice_days": notice_days,
+            },
+        )
+    click.echo(f"provider {name} created ({level})")
+
+
+@provider.command("list")
+@server_options
+@handle_errors
+def provider_list(server: str, token: str) -> None:
+    """List providers."""
+    with client_from(server, token) as api:
+        rows = api.request("GET", "/v1/providers")
+    click.echo(
+        table(
+            ["name", "display name", "created"],
+            [[p["name"], p["display_name"], p["created_at"]] for p in rows],
+        )
+    )
+
+
+@click.command()
+@server_options
+@handle_errors
+def nodes(server: str, token: str) -> None:
+    """List nodes with their GPUs, status and last heartbeat."""
+    with client_from(server, token) as api:
+        rows = api.nodes()
+    click.echo(
+        table(
+            ["node", "provider", "level", "status", "ray", "gpus", "busy", "heartbeat"],
+            [
+                [
+                    n.name,
+                    n.provider,
+                    n.level.value,
+                    n.status.value,
+                    "joined" if n.ray_joined else "no",
+                    f"{len(n.gpus)}x{n.gpus[0].model}" if n.gpus else "0",
+                    sum(g.busy for g in n.gpus),
+                    ago(n.last_heartbeat_at) + " ago",
+                ]
+                for n in rows
+            ],
+        )
+    )
+
+
+@click.command()
+@click.argument("action", type=click.Choice(["drain", "cordon", "uncordon"]))
+@click.argument("name")
+@click.option("--reason", help="Shown with the node's status.")
+@server_options
+@handle_errors
+def node(action: str, name: str, reason: str | None, server: str, token: str) -> None:
+    """Drain (running work finishes, no new work), cordon, or uncordon a node."""
+    status = {"drain": "draining", "cordon": "cordoned", "uncordon": "ready"}[action]
+    with client_from(server, token) as api:
+        result = api.set_node_status(name, status, reason)
+    click.echo(f"node {result.name}: {result.status.value}")

@@ -1,0 +1,193 @@
+"""Engineer commands: submit, jobs, job, logs, cancel; and usage for partner managers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import ValidationError
+
+from scheduler.cli.common import client_from, handle_errors, server_options
+from scheduler.cli.output import csv_text, table
+from scheduler.client import format_detail
+from scheduler.domain.jobspec import JobSpec
+from scheduler.domain.units import hours
+from scheduler.schemas import JobDetail
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """Read a job YAML and check it locally, so mistakes show before anything is sent.
+
+    A relative ``working_dir`` is taken relative to the YAML file's folder.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.ClickException(f"{path}: cannot read YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise click.ClickException(f"{path}: expected a mapping of job fields at the top level")
+    wd = data.get("working_dir")
+    if isinstance(wd, str) and not wd.startswith("/"):
+        data["working_dir"] = str((path.parent / wd).resolve())
+    try:
+        JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise click.ClickException(
+            f"{path}: {format_detail(exc.errors(include_url=False))}"
+        ) from exc
+    return data
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@server_options
+@handle_errors
+def submit(files: tuple[Path, ...], server: str, token: str) -> None:
+    """Submit job specs (YAML). Prints the id of each job."""
+    specs = [load_spec(f) for f in files]
+    with client_from(server, token) as api:
+        for path, spec in zip(files, specs, strict=True):
+            job = api.submit(spec)
+            click.echo(f"job {job.id} submitted ({job.name}, {path})")
+
+
+@click.command()
+@click.option(
+    "--status", type=click.Choice(["pending", "running", "completed", "failed", "cancelled"])
+)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@server_options
+@handle_errors
+def jobs(status: str | None, limit: int, server: str, token: str) -> None:
+    """List jobs, newest first."""
+    with client_from(server, token) as api:
+        rows = api.jobs(status=status, limit=limit)
+    click.echo(
+        table(
+            ["id", "name", "priority", "gang", "status", "attempts", "submitted", "reason"],
+            [
+                [
+                    j.id,
+                    j.name,
+                    j.priority.value,
+                    f"{j.workers}x{j.gpus_per_worker}",
+                    j.status.value,
+                    j.attempts,
+                    j.submitted_at,
+                    j.pending_reason or j.error or "",
+                ]
+                for j in rows
+            ],
+        )
+    )
+
+
+def describe(job: JobDetail) -> str:
+    lines = [
+        f"job {job.id}: {job.name}  ({job.status.value})",
+        f"  model:       {job.model}",
+        f"  priority:    {job.priority.value}{'' if job.preemptible else ', not preemptible'}",
+        f"  gang:        {job.workers} worker(s) x {job.gpus_per_worker} GPU(s)"
+        + (f" of {job.gpu_model}" if job.gpu_model else ""),
+        f"  entrypoint:  {job.entrypoint}",
+        f"  submitted:   {job.submitted_at.isoformat()}",
+    ]
+    if job.pending_reason:
+        lines.append(f"  waiting:     {job.pending_reason}")
+    if job.error:
+        lines.append(f"  error:       {job.error}")
+    for a in job.allocations:
+        end = a.ended_at.isoformat() if a.ended_at else "running"
+        lines.append(
+            f"  allocation {a.id} on {a.provider}: {a.started_at.isoformat()} -> {end}"
+            + (f" ({a.end_reason.value}, {a.gpu_seconds} GPU-s)" if a.end_reason else "")
+        )
+        for w in a.workers:
+            lines.append(f"    rank {w.rank}: {w.node}  {', '.join(w.gpus)}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@click.option("--logs/--no-logs", default=False, help="Also print each rank's output.")
+@server_options
+@handle_errors
+def job(job_id: int, logs: bool, server: str, token: str) -> None:
+    """Show a job: status, allocations (where it ran), pending reason, error."""
+    with client_from(server, token) as api:
+        click.echo(describe(api.job(job_id)))
+        if logs:
+            _print_logs(api.logs(job_id).logs)
+
+
+def _print_logs(by_rank: dict[int, str]) -> None:
+    for rank, text in sorted(by_rank.items()):
+        click.echo(f"----- rank {rank} -----")
+        click.echo(text.rstrip())
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@server_options
+@handle_errors
+def logs(job_id: int, server: str, token: str) -> None:
+    """Print the output of each worker of a job's latest allocation."""
+    with client_from(server, token) as api:
+        result = api.logs(job_id)
+    if not result.logs:
+        click.echo("(no output yet)")
+    _print_logs(result.logs)
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@server_options
+@handle_errors
+def cancel(job_id: int, server: str, token: str) -> None:
+    """Cancel a pending or running job."""
+    with client_from(server, token) as api:
+        result = api.cancel(job_id)
+    click.echo(f"job {result.id} {result.status.value}")
+
+
+@click.command()
+@click.option("--by", type=click.Choice(["provider"]), default="provider", show_default=True)
+@click.option("--start", type=click.DateTime(), help="UTC start (inclusive); default 30 days ago.")
+@click.option("--end", type=click.DateTime(), help="UTC end (exclusive); default now.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@server_options
+@handle_errors
+def usage(
+    by: str, start: datetime | None, end: datetime | None, fmt: str, server: str, token: str
+) -> None:
+    """GPU-hours per provider, commitment level and GPU model."""
+    start = start.replace(tzinfo=UTC) if start else None
+    end = end.replace(tzinfo=UTC) if end else None
+    with client_from(server, token) as api:
+        report = api.usage(start=start, end=end)
+    if fmt == "json":
+        click.echo(json.dumps(report.model_dump(mode="json"), indent=2))
+        return
+    headers = ["provider", "level", "gpu_model", "gpu_seconds", "gpu_hours"]
+    rows = [
+        [r.provider, r.level.value, r.gpu_model, r.gpu_seconds, r.gpu_hours] for r in report.rows
+    ]
+    if fmt == "csv":
+        sys.stdout.write(csv_text(headers, rows))
+        return
+    click.echo(f"GPU usage {report.start.isoformat()} .. {report.end.isoformat()}")
+    click.echo(table(headers, rows) if rows else "(no usage in this window)")
+    click.echo(
+        f"total: {report.total_gpu_seconds} GPU-seconds = {hours(report.total_gpu_seconds)} GPU-hours"
+    )

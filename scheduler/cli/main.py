@@ -1,0 +1,49 @@
+"""Entry point of the ``andromeda`` command."""
+
+from __future__ import annotations
+
+import click
+
+from scheduler import __version__
+from scheduler.cli import admin, jobs
+from scheduler.cli.agent import agent
+from scheduler.cli.demo import demo
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="andromeda")
+def cli() -> None:
+    """Andromeda: place GPU training jobs on provider capacity and account every GPU-hour.
+
+    \b
+    Engineers:         submit, jobs, job, logs, cancel
+    Providers:         agent, nodes, node
+    Partner managers:  usage
+    Control plane:     server, db, token, provider
+    Try it locally:    demo
+
+    Commands that talk to a server read ANDROMEDA_SERVER and ANDROMEDA_TOKEN.
+    """
+
+
+for command in (
+    jobs.submit,
+    jobs.jobs,
+    jobs.job,
+    jobs.logs,
+    jobs.cancel,
+    jobs.usage,
+    agent,
+    admin.nodes,
+    admin.node,
+    admin.server,
+    admin.db,
+    admin.token,
+    admin.provider,
+    demo,
+):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,131 @@
+"""A small typed client of the REST API, used by the CLI, the agent and the demo.
+
+HTTP goes through an ``httpx`` transport, so tests can hand in the real app
+(``httpx.ASGITransport``) or a real server URL alike.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from scheduler.schemas import (
+    Heartbeat,
+    JobDetail,
+    JobLogs,
+    JobPublic,
+    NodePublic,
+    NodeRegister,
+    NodeRegistered,
+    UsageReport,
+)
+
+
+class ApiError(Exception):
+    """The server answered with an error; ``str()`` is a readable one-line summary."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"HTTP {status_code}: {format_detail(detail)}")
+
+
+def format_detail(detail: Any) -> str:
+    """FastAPI's ``[{loc, msg}]`` lists become ``field: problem; field: problem``."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = [str(p) for p in item.get("loc", []) if p not in ("body", "query", "path")]
+                parts.append(f"{'.'.join(loc) or 'request'}: {item.get('msg', item)}")
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+class ApiClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"cannot reach {self._http.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        return response.json() if response.content else None
+
+    # --- jobs -------------------------------------------------------------------------------
+    def submit(self, spec: dict[str, Any]) -> JobDetail:
+        return JobDetail.model_validate(self.request("POST", "/v1/jobs", json=spec))
+
+    def jobs(self, *, status: str | None = None, limit: int = 100) -> list[JobPublic]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return [JobPublic.model_validate(j) for j in self.request("GET", "/v1/jobs", params=params)]
+
+    def job(self, job_id: int) -> JobDetail:
+        return JobDetail.model_validate(self.request("GET", f"/v1/jobs/{job_id}"))
+
+    def logs(self, job_id: int) -> JobLogs:
+        return JobLogs.model_validate(self.request("GET", f"/v1/jobs/{job_id}/logs"))
+
+    def cancel(self, job_id: int) -> JobDetail:
+        return JobDetail.model_validate(self.request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    # --- nodes ------------------------------------------------------------------------------
+    def register_node(self, body: NodeRegister) -> NodeRegistered:
+        data = self.request("POST", "/v1/nodes/register", json=body.model_dump(mode="json"))
+        return NodeRegistered.model_validate(data)
+
+    def heartbeat(self, name: str, body: Heartbeat) -> NodePublic:
+        data = self.request(
+            "POST", f"/v1/nodes/{name}/heartbeat", json=body.model_dump(mode="json")
+        )
+        return NodePublic.model_validate(data)
+
+    def nodes(self) -> list[NodePublic]:
+        return [NodePublic.model_validate(n) for n in self.request("GET", "/v1/nodes")]
+
+    def set_node_status(self, name: str, status: str, reason: str | None = None) -> NodePublic:
+        body = {"status": status, "reason": reason}
+        return NodePublic.model_validate(
+            self.request("POST", f"/v1/nodes/{name}/status", json=body)
+        )
+
+    # --- usage, providers, tokens ----------------------------------------------------------
+    def usage(self, *, start: datetime | None = None, end: datetime | None = None) -> UsageReport:
+        params = {"by": "provider"}
+        if start:
+            params["start"] = start.isoformat()
+        if end:
+            params["end"] = end.isoformat()
+        return UsageReport.model_validate(self.request("GET", "/v1/usage", params=params))

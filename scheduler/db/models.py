@@ -1,0 +1,197 @@
+"""Tables of the control plane.
+
+Invariants the rest of the code relies on:
+- Times are aware UTC (``UTCDateTime``); durations and usage are integer seconds.
+- ``Job.status`` and allocation start/end are written only by
+  ``scheduler.services.transitions.transition_job``, in one transaction with the usage rows.
+- An allocation is open while ``ended_at`` is NULL; an open allocation holds its GPUs, and a
+  GPU is held by at most one open allocation.
+- ``UsageInterval.key`` (allocation, GPU, interval start) is unique, so a retried write can
+  never count a GPU-second twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from scheduler.db.types import UTCDateTime, str_enum, utcnow
+from scheduler.domain.enums import (
+    CommitmentLevel,
+    EndReason,
+    GpuHealth,
+    JobStatus,
+    NodeStatus,
+    PriorityClass,
+    Role,
+)
+
+
+class Provider(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=63, unique=True, index=True)
+    display_name: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+
+
+class Agreement(SQLModel, table=True):
+    """Versioned contract terms of a provider at one commitment level."""
+
+    __table_args__ = (UniqueConstraint("provider_id", "level", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider_id: int = Field(foreign_key="provider.id", index=True)
+    level: CommitmentLevel = Field(sa_type=str_enum(CommitmentLevel))
+    version: int = Field(default=1, ge=1)
+    committed_gpus: int | None = Field(default=None, ge=0)
+    committed_gpu_hours_per_month: int | None = Field(default=None, ge=0)
+    notice_days: int = Field(default=0, ge=0)
+    starts_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    ends_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+
+
+class Node(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=63, unique=True, index=True)
+    provider_id: int = Field(foreign_key="provider.id", index=True)
+    agreement_id: int = Field(foreign_key="agreement.id")
+    hostname: str = Field(default="", max_length=255)
+    status: NodeStatus = Field(default=NodeStatus.ready, sa_type=str_enum(NodeStatus), index=True)
+    status_reason: str | None = Field(default=None, max_length=500)
+    cpu_count: int = Field(default=0, ge=0)
+    memory_bytes: int = Field(default=0, ge=0, sa_type=BigInteger())
+    driver_version: str | None = Field(default=None, max_length=64)
+    ray_joined: bool = Field(default=False)
+    registered_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    last_heartbeat_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), nullable=False
+    )
+
+
+class Gpu(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    node_id: int = Field(foreign_key="node.id", index=True)
+    uuid: str = Field(max_length=96, unique=True)
+    index: int = Field(ge=0)
+    name: str = Field(max_length=128)
+    model: str = Field(max_length=64, index=True)
+    memory_bytes: int = Field(ge=0, sa_type=BigInteger())
+    health: GpuHealth = Field(default=GpuHealth.unknown, sa_type=str_enum(GpuHealth))
+    health_reasons: str | None = Field(default=None, max_length=1000)
+    utilization_pct: int | None = None
+    memory_used_bytes: int | None = Field(default=None, sa_type=BigInteger())
+    temperature_c: int | None = None
+    power_mw: int | None = Field(default=None, sa_type=BigInteger())
+    energy_mj: int | None = Field(default=None, sa_type=BigInteger())
+    sampled_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+
+
+class Job(SQLModel, table=True):
+    __table_args__ = (Index("ix_job_queue", "status", "priority", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=63)
+    model_name: str = Field(max_length=200, index=True)
+    owner: str = Field(max_length=100)
+    priority_class: PriorityClass = Field(sa_type=str_enum(PriorityClass))
+    priority: int
+    preemptible: bool
+    num_workers: int = Field(ge=1)
+    gpus_per_worker: int = Field(ge=1)
+    gpu_model: str | None = Field(default=None, max_length=64)
+    min_gpu_memory_gb: int | None = None
+    max_runtime_s: int | None = None
+    entrypoint: str = Field(sa_type=Text())
+    env: dict[str, str] = Field(default_factory=dict, sa_type=JSON())
+    checkpoint_uri: str | None = Field(default=None, max_length=1000)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON())
+    status: JobStatus = Field(default=JobStatus.pending, sa_type=str_enum(JobStatus))
+    pending_reason: str | None = Field(default=None, max_length=1000)
+    error: str | None = Field(default=None, sa_type=Text())
+    attempts: int = Field(default=0, ge=0)
+    submitted_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+
+
+class Allocation(SQLModel, table=True):
+    """One placement of one job; open while ``ended_at`` is NULL."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    provider_id: int = Field(foreign_key="provider.id", index=True)
+    started_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    ended_at: datetime | None = Field(
+        default=None, sa_type=UTCDateTime(), nullable=True, index=True
+    )
+    end_reason: EndReason | None = Field(default=None, sa_type=str_enum(EndReason))
+    error: str | None = Field(default=None, sa_type=Text())
+
+
+class AllocationGpu(SQLModel, table=True):
+    """Which GPU of which node serves which worker rank of an allocation."""
+
+    __tablename__ = "allocation_gpu"  # type: ignore[assignment]
+    __table_args__ = (UniqueConstraint("allocation_id", "gpu_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    allocation_id: int = Field(foreign_key="allocation.id", index=True)
+    rank: int = Field(ge=0)
+    node_id: int = Field(foreign_key="node.id", index=True)
+    gpu_id: int = Field(foreign_key="gpu.id", index=True)
+
+
+class UsageInterval(SQLModel, table=True):
+    """The ledger: one GPU of one allocation over [started_at, ended_at), in integer seconds.
+
+    Provider, node, model and level are copied from the moment of use, so a later change to a
+    node or agreement never rewrites history.
+    """
+
+    __tablename__ = "usage_interval"  # type: ignore[assignment]
+    __table_args__ = (Index("ix_usage_provider_time", "provider_id", "started_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200, unique=True)
+    allocation_id: int = Field(foreign_key="allocation.id", index=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    provider_id: int = Field(foreign_key="provider.id")
+    agreement_id: int = Field(foreign_key="agreement.id")
+    node_id: int = Field(foreign_key="node.id")
+    gpu_id: int = Field(foreign_key="gpu.id", index=True)
+    gpu_uuid: str = Field(max_length=96)
+    gpu_model: str = Field(max_length=64)
+    level: CommitmentLevel = Field(sa_type=str_enum(CommitmentLevel))
+    started_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    ended_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    gpu_seconds: int = Field(ge=0, sa_type=BigInteger())
+
+
+class JobLog(SQLModel, table=True):
+    """The tail of one worker's output, kept after the worker is gone."""
+
+    __tablename__ = "job_log"  # type: ignore[assignment]
+    __table_args__ = (UniqueConstraint("allocation_id", "rank"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    allocation_id: int = Field(foreign_key="allocation.id", index=True)
+    rank: int = Field(ge=0)
+    text: str = Field(sa_type=Text())
+    captured_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token. Only its SHA-256 is stored; the secret is shown once, at creation."""
+
+    __tablename__ = "api_token"  # type: ignore[assignment]
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100)
+    role: Role = Field(sa_type=str_enum(Role))
+    provider_id: int | None = Field(default=None, foreign_key="provider.id")
+    token_hash: str = Field(max_length=64, unique=True)
+    prefix: str = Field(max_length=16)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)

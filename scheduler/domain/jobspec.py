@@ -1,0 +1,108 @@
+"""The job spec an engineer writes (YAML or JSON), validated before anything is stored.
+
+Validation here covers what the spec alone can tell; checks against the fleet (a worker asking
+for more GPUs than any node has) happen in ``scheduler.services.jobs`` at submission.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from scheduler.domain.enums import PriorityClass
+
+NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_RUNTIME_S = 30 * 86400
+
+
+def parse_duration(value: int | str) -> int:
+    """``3600``, ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"`` -> whole seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected seconds or a duration like 90s, 15m, 2h")
+    if isinstance(value, int):
+        return value
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration: use seconds or 90s, 15m, 2h, 1d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+class GpuConstraint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None, max_length=64, description="GPU model, e.g. H100 or H100-80GB"
+    )
+    min_memory_gb: int | None = Field(default=None, ge=1, le=4096)
+
+
+class JobSpec(BaseModel):
+    """A gang: ``workers`` x ``gpus_per_worker`` GPUs, all in one provider."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=NAME_RE, description="lower-case DNS label")]
+    model: str = Field(
+        min_length=1, max_length=200, description="the model this job trains (attribution)"
+    )
+    entrypoint: str = Field(min_length=1, max_length=10_000)
+    priority: PriorityClass = PriorityClass.normal
+    preemptible: bool = True
+    workers: int = Field(default=1, ge=1, le=1024)
+    gpus_per_worker: int = Field(default=1, ge=1, le=64)
+    gpu: GpuConstraint = Field(default_factory=GpuConstraint)
+    max_runtime: int | None = Field(
+        default=None, description="seconds, or a duration like 30m; the job is stopped after it"
+    )
+    working_dir: str | None = Field(
+        default=None, max_length=1000, description="absolute directory on the worker hosts"
+    )
+    env: dict[str, str] = Field(default_factory=dict)
+    checkpoint: str | None = Field(default=None, max_length=1000)
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("max_runtime", mode="before")
+    @classmethod
+    def _parse_runtime(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        seconds = parse_duration(v)
+        if not 1 <= seconds <= MAX_RUNTIME_S:
+            raise ValueError(f"must be between 1 second and {MAX_RUNTIME_S // 86400} days")
+        return seconds
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if key in RESERVED_ENV:
+                raise ValueError(f"{key} is set by the scheduler and cannot be overridden")
+        return v
+
+    @field_validator("working_dir")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("must be an absolute path on the worker hosts")
+        return v
+
+    @property
+    def total_gpus(self) -> int:
+        return self.workers * self.gpus_per_worker
+
+
+RESERVED_ENV = frozenset(
+    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"}
+)

@@ -1,0 +1,44 @@
+"""The domain's exceptions, one tree; the API maps each class to one HTTP status.
+
+AndromedaError
+├── ValidationFailed   422  input is well-formed but wrong (names the field)
+├── NotFound           404
+├── Conflict           409  the state does not allow it (already finished, name taken)
+├── Unauthenticated    401  no token, or an unknown or revoked one
+└── Forbidden          403  the token's role or provider may not do this
+"""
+
+from __future__ import annotations
+
+
+class AndromedaError(Exception):
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ValidationFailed(AndromedaError):
+    status_code = 422
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.detail = message
+
+
+class NotFound(AndromedaError):
+    status_code = 404
+
+
+class Conflict(AndromedaError):
+    status_code = 409
+
+
+class Unauthenticated(AndromedaError):
+    status_code = 401
+
+
+class Forbidden(AndromedaError):
+    status_code = 403

@@ -1,0 +1,187 @@
+"""Jobs: submission (checked against the fleet), listing, detail and cancellation.
+
+Cancellation only records the decision (through ``transition_job``); the scheduler loop
+notices that the allocation is closed and stops the workers, so the API never needs Ray.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Session, col, func, select
+
+from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider
+from scheduler.domain.enums import EndReason, JobStatus
+from scheduler.domain.jobspec import JobSpec
+from scheduler.errors import NotFound, ValidationFailed
+from scheduler.schemas import AllocationPublic, JobDetail, JobPublic, WorkerPublic
+from scheduler.services.transitions import gpu_seconds, transition_job
+
+
+def submit_job(session: Session, *, spec: JobSpec, owner: str, now: datetime) -> Job:
+    _check_against_fleet(session, spec)
+    job = Job(
+        name=spec.name,
+        model_name=spec.model,
+        owner=owner,
+        priority_class=spec.priority,
+        priority=spec.priority.value_int,
+        preemptible=spec.preemptible,
+        num_workers=spec.workers,
+        gpus_per_worker=spec.gpus_per_worker,
+        gpu_model=spec.gpu.model,
+        min_gpu_memory_gb=spec.gpu.min_memory_gb,
+        max_runtime_s=spec.max_runtime,
+        entrypoint=spec.entrypoint,
+        env=spec.env,
+        checkpoint_uri=spec.checkpoint,
+        spec=spec.model_dump(mode="json"),
+        status=JobStatus.pending,
+        pending_reason="waiting for the next scheduling cycle",
+        submitted_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _check_against_fleet(session: Session, spec: JobSpec) -> None:
+    """Reject a gang no registered node could ever host (once the fleet has nodes at all)."""
+    per_node = session.exec(
+        select(Gpu.node_id, func.count(col(Gpu.id))).group_by(col(Gpu.node_id))
+    ).all()
+    if not per_node:
+        return
+    largest = max(count for _, count in per_node)
+    if spec.gpus_per_worker > largest:
+        raise ValidationFailed(
+            "gpus_per_worker",
+            f"{spec.gpus_per_worker} GPUs per worker, but the largest node has {largest}",
+        )
+
+
+def get_job(session: Session, *, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
+    stmt = select(Job).order_by(col(Job.id).desc()).limit(limit)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    return list(session.exec(stmt))
+
+
+def cancel_job(session: Session, *, job_id: int, now: datetime) -> Job:
+    job = get_job(session, job_id=job_id)
+    return transition_job(
+        session,
+        job_id=job_id,
+        to=JobStatus.cancelled,
+        now=now,
+        expect=(JobStatus.pending, JobStatus.running),
+        end_reason=EndReason.cancelled if job.status == JobStatus.running else None,
+    )
+
+
+def job_public(job: Job) -> JobPublic:
+    assert job.id is not None
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        model=job.model_name,
+        owner=job.owner,
+        priority=job.priority_class,
+        preemptible=job.preemptible,
+        workers=job.num_workers,
+        gpus_per_worker=job.gpus_per_worker,
+        gpu_model=job.gpu_model,
+        status=job.status,
+        pending_reason=job.pending_reason,
+        error=job.error,
+        attempts=job.attempts,
+        submitted_at=job.submitted_at,
+        finished_at=job.finished_at,
+    )
+
+
+def allocations_public(session: Session, *, job_id: int) -> list[AllocationPublic]:
+    allocs = list(
+        session.exec(
+            select(Allocation, Provider)
+            .join(Provider, col(Provider.id) == col(Allocation.provider_id))
+            .where(Allocation.job_id == job_id)
+            .order_by(col(Allocation.id))
+        )
+    )
+    ids = [a.id for a, _ in allocs]
+    workers: dict[int, dict[int, tuple[str, list[str]]]] = {}
+    for ag, node, gpu in session.exec(
+        select(AllocationGpu, Node, Gpu)
+        .join(Node, col(Node.id) == col(AllocationGpu.node_id))
+        .join(Gpu, col(Gpu.id) == col(AllocationGpu.gpu_id))
+        .where(col(AllocationGpu.allocation_id).in_(ids))
+        .order_by(col(AllocationGpu.rank), col(Gpu.index))
+    ):
+        by_rank = workers.setdefault(ag.allocation_id, {})
+        by_rank.setdefault(ag.rank, (node.name, []))[1].append(gpu.uuid)
+    out = []
+    for alloc, provider in allocs:
+        assert alloc.id is not None
+        ranks = workers.get(alloc.id, {})
+        gpu_count = sum(len(g) for _, g in ranks.values())
+        seconds = None
+        if alloc.ended_at is not None:
+            seconds = gpu_count * gpu_seconds(alloc.started_at, alloc.ended_at)
+        out.append(
+            AllocationPublic(
+                id=alloc.id,
+                provider=provider.name,
+                started_at=alloc.started_at,
+                ended_at=alloc.ended_at,
+                end_reason=alloc.end_reason,
+                error=alloc.error,
+                gpu_seconds=seconds,
+                workers=[
+                    WorkerPublic(rank=r, node=n, gpus=g) for r, (n, g) in sorted(ranks.items())
+                ],
+            )
+        )
+    return out
+
+
+def job_detail(session: Session, *, job: Job) -> JobDetail:
+    assert job.id is not None
+    return JobDetail(
+        **job_public(job).model_dump(),
+        entrypoint=job.entrypoint,
+        allocations=allocations_public(session, job_id=job.id),
+    )
+
+
+def stored_logs(session: Session, *, allocation_id: int) -> dict[int, str]:
+    return {
+        row.rank: row.text
+        for row in session.exec(select(JobLog).where(JobLog.allocation_id == allocation_id))
+    }
+
+
+def save_logs(session: Session, *, allocation_id: int, logs: dict[int, str], now: datetime) -> None:
+    """Keep the last output of each rank after its workers are gone (idempotent)."""
+    existing = {
+        row.rank: row
+        for row in session.exec(select(JobLog).where(JobLog.allocation_id == allocation_id))
+    }
+    for rank, text in logs.items():
+        row = existing.get(rank) or JobLog(allocation_id=allocation_id, rank=rank, text="")
+        row.text = text
+        row.captured_at = now
+        session.add(row)
+
+
+def latest_allocation(session: Session, *, job_id: int) -> Allocation | None:
+    return session.exec(
+        select(Allocation).where(Allocation.job_id == job_id).order_by(col(Allocation.id).desc())
+    ).first()

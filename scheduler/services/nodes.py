@@ -1,0 +1,206 @@
+"""Nodes and their GPUs: registration by agents, heartbeats, liveness, drain and cordon.
+
+A node takes new work only while it is ``ready``, its Ray worker has joined, and its last
+heartbeat is younger than ``node_lost_after_s``; ``mark_lost_nodes`` turns silent nodes
+``lost``, and the next heartbeat brings a lost node back to ``ready``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlmodel import Session, col, select
+
+from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Node, Provider
+from scheduler.domain.enums import GpuHealth, NodeStatus
+from scheduler.domain.gpu_models import canonical_model
+from scheduler.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from scheduler.schemas import GpuPublic, Heartbeat, NodePublic, NodeRegister
+from scheduler.services.providers import active_agreement
+
+log = logging.getLogger(__name__)
+
+
+def register_node(session: Session, *, provider_id: int, body: NodeRegister, now: datetime) -> Node:
+    """Create or refresh a node and its GPUs from an agent's inventory."""
+    node = session.exec(select(Node).where(Node.name == body.name)).first()
+    if node is not None and node.provider_id != provider_id:
+        raise Forbidden(f"node {body.name!r} belongs to another provider")
+    uuids = [g.uuid for g in body.gpus]
+    if len(set(uuids)) != len(uuids):
+        raise ValidationFailed("gpus", "GPU UUIDs must be unique")
+    agreement = active_agreement(session, provider_id=provider_id, level=body.level, now=now)
+    if node is None:
+        node = Node(name=body.name, provider_id=provider_id, agreement_id=agreement.id)  # type: ignore[arg-type]
+    node.agreement_id = agreement.id  # type: ignore[assignment]
+    node.hostname = body.hostname
+    node.cpu_count = body.cpu_count
+    node.memory_bytes = body.memory_bytes
+    node.driver_version = body.driver_version
+    node.last_heartbeat_at = now
+    node.ray_joined = False
+    if node.status == NodeStatus.lost:
+        node.status = NodeStatus.ready
+        node.status_reason = None
+    session.add(node)
+    session.flush()
+
+    existing = {g.uuid: g for g in session.exec(select(Gpu).where(col(Gpu.uuid).in_(uuids)))}
+    for report in body.gpus:
+        gpu = existing.get(report.uuid)
+        if gpu is not None and gpu.node_id != node.id:
+            raise Conflict(f"GPU {report.uuid} is registered on another node")
+        if gpu is None:
+            gpu = Gpu(
+                node_id=node.id,
+                uuid=report.uuid,
+                index=report.index,  # type: ignore[arg-type]
+                name=report.name,
+                model="",
+                memory_bytes=report.memory_total_bytes,
+            )
+        gpu.index = report.index
+        gpu.name = report.name
+        gpu.memory_bytes = report.memory_total_bytes
+        gpu.model = canonical_model(report.name, report.memory_total_bytes)
+        session.add(gpu)
+    # GPUs the node no longer reports stay in the ledger's history but take no new work.
+    for gone in session.exec(
+        select(Gpu).where(Gpu.node_id == node.id, col(Gpu.uuid).not_in(uuids))
+    ):
+        gone.health = GpuHealth.failed
+        gone.health_reasons = "no longer reported by the agent"
+        session.add(gone)
+    session.flush()
+    return node
+
+
+def get_node(session: Session, *, name: str) -> Node:
+    node = session.exec(select(Node).where(Node.name == name)).first()
+    if node is None:
+        raise NotFound(f"node {name!r} not found")
+    return node
+
+
+def heartbeat(session: Session, *, node: Node, body: Heartbeat, now: datetime) -> Node:
+    gpus = {g.uuid: g for g in session.exec(select(Gpu).where(Gpu.node_id == node.id))}
+    unknown = [s.uuid for s in body.gpus if s.uuid not in gpus]
+    if unknown:
+        raise ValidationFailed("gpus", f"GPUs not registered on this node: {', '.join(unknown)}")
+    for sample in body.gpus:
+        gpu = gpus[sample.uuid]
+        gpu.health = sample.health
+        gpu.health_reasons = "; ".join(sample.health_reasons) or None
+        gpu.utilization_pct = sample.utilization_pct
+        gpu.memory_used_bytes = sample.memory_used_bytes
+        gpu.temperature_c = sample.temperature_c
+        gpu.power_mw = sample.power_mw
+        gpu.energy_mj = sample.energy_mj
+        gpu.sampled_at = now
+        session.add(gpu)
+    node.last_heartbeat_at = now
+    node.ray_joined = body.ray_joined
+    if node.status == NodeStatus.lost:
+        log.info("node %s is back after being lost", node.name)
+        node.status = NodeStatus.ready
+        node.status_reason = None
+    session.add(node)
+    session.flush()
+    return node
+
+
+def set_node_status(
+    session: Session, *, node: Node, status: NodeStatus, reason: str | None
+) -> Node:
+    """Drain (finish running work, take no new), cordon (take no new) or make ready again."""
+    if status == NodeStatus.lost:
+        raise ValidationFailed("status", "lost is set by the control plane, not by hand")
+    node.status = status
+    node.status_reason = reason
+    session.add(node)
+    session.flush()
+    return node
+
+
+def mark_lost_nodes(session: Session, *, now: datetime, lost_after_s: int) -> list[Node]:
+    """Mark nodes whose last heartbeat is older than ``lost_after_s`` as lost."""
+    cutoff = now - timedelta(seconds=lost_after_s)
+    stale = list(
+        session.exec(
+            select(Node).where(
+                col(Node.status) != NodeStatus.lost, col(Node.last_heartbeat_at) < cutoff
+            )
+        )
+    )
+    for node in stale:
+        node.status = NodeStatus.lost
+        node.status_reason = f"no heartbeat since {node.last_heartbeat_at.isoformat()}"
+        session.add(node)
+        log.warning("node %s lost: %s", node.name, node.status_reason)
+    session.flush()
+    return stale
+
+
+def held_gpu_ids(session: Session) -> set[int]:
+    return set(
+        session.exec(
+            select(AllocationGpu.gpu_id)
+            .join(Allocation, col(Allocation.id) == col(AllocationGpu.allocation_id))
+            .where(col(Allocation.ended_at).is_(None))
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    node: Node
+    provider: Provider
+    agreement: Agreement
+    gpus: list[Gpu]
+
+
+def load_nodes(session: Session, *, provider_id: int | None = None) -> list[NodeRow]:
+    stmt = (
+        select(Node, Provider, Agreement)
+        .join(Provider, col(Provider.id) == col(Node.provider_id))
+        .join(Agreement, col(Agreement.id) == col(Node.agreement_id))
+        .order_by(col(Node.name))
+    )
+    if provider_id is not None:
+        stmt = stmt.where(Node.provider_id == provider_id)
+    rows = list(session.exec(stmt))
+    gpus: dict[int, list[Gpu]] = {}
+    node_ids = [n.id for n, _, _ in rows]
+    for gpu in session.exec(
+        select(Gpu).where(col(Gpu.node_id).in_(node_ids)).order_by(col(Gpu.index))
+    ):
+        gpus.setdefault(gpu.node_id, []).append(gpu)
+    return [NodeRow(n, p, a, gpus.get(n.id or 0, [])) for n, p, a in rows]
+
+
+def node_public(row: NodeRow, held: set[int]) -> NodePublic:
+    n = row.node
+    return NodePublic(
+        name=n.name,
+        provider=row.provider.name,
+        level=row.agreement.level,
+        status=n.status,
+        status_reason=n.status_reason,
+        hostname=n.hostname,
+        ray_joined=n.ray_joined,
+        last_heartbeat_at=n.last_heartbeat_at,
+        gpus=[
+            GpuPublic(
+                uuid=g.uuid,
+                index=g.index,
+                model=g.model,
+                memory_bytes=g.memory_bytes,
+                health=g.health,
+                utilization_pct=g.utilization_pct,
+                busy=g.id in held,
+            )
+            for g in row.gpus
+        ],
+    )

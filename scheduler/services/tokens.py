@@ -1,0 +1,102 @@
+"""Bearer tokens: created with a role (and a provider for provider tokens), stored hashed.
+
+Tokens are 32 random bytes, so a plain SHA-256 is enough to store them (no password
+stretching needed); the secret is returned once, at creation, and never again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from scheduler.db.models import ApiToken, Provider
+from scheduler.domain.enums import Role
+from scheduler.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
+
+TOKEN_PREFIX = "andr_"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the token's role, and its provider for provider tokens."""
+
+    token_id: int
+    name: str
+    role: Role
+    provider_id: int | None
+
+    def require(self, *roles: Role) -> None:
+        if self.role is Role.admin or self.role in roles:
+            return
+        wanted = ", ".join(r.value for r in (Role.admin, *roles))
+        raise Forbidden(f"role {self.role.value} may not do this (needs one of: {wanted})")
+
+    def require_provider(self, provider_id: int) -> None:
+        """Provider tokens act only for their own provider; admins act for any."""
+        if self.role is Role.admin:
+            return
+        if self.role is not Role.provider or self.provider_id != provider_id:
+            raise Forbidden("this token may not act for that provider")
+
+
+def hash_token(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(
+    session: Session, *, name: str, role: Role, provider_name: str | None = None
+) -> tuple[ApiToken, str]:
+    """Create a token; returns the row and the secret (shown once)."""
+    if not name.strip():
+        raise ValidationFailed("name", "must not be blank")
+    provider_id: int | None = None
+    if role is Role.provider:
+        if not provider_name:
+            raise ValidationFailed("provider", "a provider token must name its provider")
+        provider = session.exec(select(Provider).where(Provider.name == provider_name)).first()
+        if provider is None:
+            raise ValidationFailed("provider", f"no provider named {provider_name!r}")
+        provider_id = provider.id
+    elif provider_name:
+        raise ValidationFailed("provider", f"only provider tokens name a provider, not {role}")
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(
+        name=name.strip(),
+        role=role,
+        provider_id=provider_id,
+        token_hash=hash_token(secret),
+        prefix=secret[: len(TOKEN_PREFIX) + 6],
+    )
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def authenticate(session: Session, *, secret: str | None) -> Principal:
+    if not secret:
+        raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
+    token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
+    if token is None or token.revoked_at is not None:
+        raise Unauthenticated("unknown or revoked token")
+    assert token.id is not None
+    return Principal(
+        token_id=token.id, name=token.name, role=Role(token.role), provider_id=token.provider_id
+    )
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    return list(session.exec(select(ApiToken).order_by(col(ApiToken.id))))
+
+
+def revoke_token(session: Session, *, token_id: int, now: datetime) -> ApiToken:
+    token = session.get(ApiToken, token_id)
+    if token is None:
+        raise NotFound(f"token {token_id} not found")
+    if token.revoked_at is None:
+        token.revoked_at = now
+        session.add(token)
+    return token

@@ -1,0 +1,167 @@
+"""Shared fixtures: real databases (SQLite and PostgreSQL), a real HTTP server, factories.
+
+PostgreSQL is required: when it cannot be reached the database tests fail with the reason,
+they are not skipped (set ANDROMEDA_SKIP_POSTGRES=1 to run SQLite only on a laptop without
+it). The Ray cluster fixtures live in tests/ray_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import uvicorn
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlmodel import SQLModel
+
+from scheduler.db.engine import make_engine, session_scope
+from scheduler.db.migrate import upgrade
+
+PG_URL = os.environ.get("DATABASE_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BACKENDS = ["sqlite"] if os.environ.get("ANDROMEDA_SKIP_POSTGRES") == "1" else ["sqlite", "postgres"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_schema_url(tmp_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(PG_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.fail(f"PostgreSQL at {PG_URL} is required for these tests: {exc}", pytrace=False)
+    finally:
+        admin.dispose()
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}options=-csearch_path%3D{schema}", schema
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database per backend for the whole session (tables emptied per test)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'andromeda.db'}"
+        upgrade(url)
+        yield url
+        return
+    url, schema = _pg_schema_url(tmp_path_factory)
+    upgrade(url)
+    yield url
+    admin = make_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def _engines() -> Iterator[dict[str, Engine]]:
+    engines: dict[str, Engine] = {}
+    yield engines
+    for engine in engines.values():
+        engine.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str, _engines: dict[str, Engine]) -> Engine:
+    """The session's engine for this backend, with every table emptied."""
+    if db_url not in _engines:
+        _engines[db_url] = make_engine(db_url)
+    eng = _engines[db_url]
+    _empty(eng)
+    return eng
+
+
+def _empty(engine: Engine) -> None:
+    import scheduler.db.models  # noqa: F401
+
+    tables = [t.name for t in SQLModel.metadata.sorted_tables]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for name in reversed(tables):
+                conn.execute(text(f"DELETE FROM {name}"))
+            conn.execute(text("DELETE FROM sqlite_sequence")) if _has_sqlite_sequence(conn) else None
+
+
+def _has_sqlite_sequence(conn) -> bool:  # type: ignore[no-untyped-def]
+    return bool(
+        conn.execute(
+            text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='sqlite_sequence'")
+        ).first()
+    )
+
+
+@pytest.fixture
+def db_kind(engine: Engine) -> str:
+    return engine.dialect.name
+
+
+class LiveServer:
+    """The real app under uvicorn in a thread, on a free local port."""
+
+    def __init__(self, app, port: int) -> None:  # type: ignore[no-untyped-def]
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                loop="asyncio", http="httptools", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+@pytest.fixture(scope="session")
+def _servers(_engines: dict[str, Engine]) -> Iterator[dict[str, LiveServer]]:
+    servers: dict[str, LiveServer] = {}
+    yield servers
+    for s in servers.values():
+        s.__exit__(None, None, None)
+
+
+@pytest.fixture
+def server(engine: Engine, db_url: str, _servers: dict[str, LiveServer]) -> LiveServer:
+    """An HTTP server over this backend's database, without a scheduler loop."""
+    from scheduler.api.app import create_app
+    from scheduler.config import Settings
+
+    if db_url not in _servers:
+        settings = Settings(database_url=db_url, scheduler_enabled=False, ray_address=None)
+        _servers[db_url] = LiveServer(create_app(settings, engine=engine), free_port()).__enter__()
+    return _servers[db_url]
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def session_of(engine: Engine):  # type: ignore[no-untyped-def]
+    """``with session_of() as s:`` a committed transaction on this test's database."""
+    return lambda: session_scope(engine)

@@ -1,0 +1,66 @@
+"""Builders of realistic rows through the real services (no hand-written INSERTs)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlmodel import Session
+
+from scheduler.db.models import Job, Node, Provider
+from scheduler.db.types import utcnow
+from scheduler.domain.enums import CommitmentLevel, PriorityClass, Role
+from scheduler.domain.jobspec import JobSpec
+from scheduler.schemas import GpuReport, NodeRegister
+from scheduler.services.jobs import submit_job
+from scheduler.services.nodes import register_node
+from scheduler.services.providers import add_agreement, create_provider
+from scheduler.services.tokens import create_token
+
+H100 = ("NVIDIA H100 80GB HBM3", 85_520_809_984)
+H200 = ("NVIDIA H200", 150_754_820_096)
+
+
+def provider(
+    session: Session, name: str, level: CommitmentLevel = CommitmentLevel.reserved,
+    *, starts_at: datetime | None = None,
+) -> Provider:
+    p = create_provider(session, name=name)
+    add_agreement(session, provider=p, level=level, starts_at=starts_at or datetime(2020, 1, 1, tzinfo=UTC))
+    return p
+
+
+def node(
+    session: Session, prov: Provider, name: str, gpus: int = 4, kind: tuple[str, int] = H100,
+    *, now: datetime | None = None, ray_joined: bool = True,
+) -> Node:
+    body = NodeRegister(
+        name=name, hostname=name, gpus=[
+            GpuReport(uuid=f"GPU-{name}-{i}", index=i, name=kind[0], memory_total_bytes=kind[1])
+            for i in range(gpus)
+        ],
+    )
+    assert prov.id is not None
+    n = register_node(session, provider_id=prov.id, body=body, now=now or utcnow())
+    n.ray_joined = ray_joined
+    session.add(n)
+    session.flush()
+    return n
+
+
+def job(
+    session: Session, name: str = "train", *, workers: int = 1, gpus_per_worker: int = 1,
+    priority: PriorityClass = PriorityClass.normal, preemptible: bool = True,
+    gpu_model: str | None = None, max_runtime: int | None = None, now: datetime | None = None,
+    entrypoint: str = "true",
+) -> Job:
+    spec = JobSpec(
+        name=name, model="m1", entrypoint=entrypoint, priority=priority, preemptible=preemptible,
+        workers=workers, gpus_per_worker=gpus_per_worker, gpu={"model": gpu_model},  # type: ignore[arg-type]
+        max_runtime=max_runtime,
+    )
+    return submit_job(session, spec=spec, owner="tester", now=now or utcnow())
+
+
+def token(session: Session, role: Role, provider_name: str | None = None) -> str:
+    _, secret = create_token(session, name=f"{role.value}-token", role=role, provider_name=provider_name)
+    return secret
