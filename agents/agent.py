@@ -52,8 +52,9 @@ class Agent:
             memory_bytes=_memory_bytes(),
             driver_version=self.reader.driver_version(),
             gpus=[
-                GpuReport(uuid=g.uuid, index=g.index, name=g.name,
-                          memory_total_bytes=g.memory_total_bytes)
+                GpuReport(
+                    uuid=g.uuid, index=g.index, name=g.name, memory_total_bytes=g.memory_total_bytes
+                )
                 for g in inventory
             ],
         )
@@ -102,9 +103,14 @@ class Agent:
             ray_joined=self.ray_joined(),
             gpus=[
                 GpuSampleIn(
-                    uuid=s.uuid, health=s.health, health_reasons=list(s.health_reasons),
-                    utilization_pct=s.utilization_pct, memory_used_bytes=s.memory_used_bytes,
-                    temperature_c=s.temperature_c, power_mw=s.power_mw, energy_mj=s.energy_mj,
+                    uuid=s.uuid,
+                    health=s.health,
+                    health_reasons=list(s.health_reasons),
+                    utilization_pct=s.utilization_pct,
+                    memory_used_bytes=s.memory_used_bytes,
+                    temperature_c=s.temperature_c,
+                    power_mw=s.power_mw,
+                    energy_mj=s.energy_mj,
                 )
                 for s in samples
             ],

@@ -67,11 +67,16 @@ class RayNode:
         return self.address or f"127.0.0.1:{self.head_port}"
 
     def command(self) -> list[str]:
-        cmd = [ray_executable(), "start", "--block", f"--num-gpus={self.num_gpus}",
-               f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats"]
+        cmd = [
+            ray_executable(),
+            "start",
+            "--block",
+            f"--num-gpus={self.num_gpus}",
+            f"--object-store-memory={self.object_store_bytes}",
+            "--disable-usage-stats",
+        ]
         if self.address is None:
-            cmd += ["--head", f"--port={self.head_port}",
-                    "--include-dashboard=false"]
+            cmd += ["--head", f"--port={self.head_port}", "--include-dashboard=false"]
         else:
             cmd.append(f"--address={self.address}")
         if self.labels:
@@ -87,8 +92,12 @@ class RayNode:
         log.info("starting Ray worker: %s", " ".join(cmd))
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
         self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True, env=env,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=env,
         )
         threading.Thread(target=self._pump, args=(self._proc,), daemon=True).start()
         deadline = time.monotonic() + timeout_s

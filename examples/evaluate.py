@@ -23,9 +23,12 @@ def main() -> int:
         a = np.tanh(a @ a / args.size)
         flops += 2 * args.size**3
     elapsed = time.perf_counter() - start
-    print(f"node {os.environ.get('ANDROMEDA_NODE', '?')} GPUs "
-          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '-')}: {flops / elapsed / 1e9:.2f} GFLOP/s "
-          f"over {elapsed:.1f}s", flush=True)
+    print(
+        f"node {os.environ.get('ANDROMEDA_NODE', '?')} GPUs "
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '-')}: {flops / elapsed / 1e9:.2f} GFLOP/s "
+        f"over {elapsed:.1f}s",
+        flush=True,
+    )
     return 0
 
 

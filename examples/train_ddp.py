@@ -70,8 +70,12 @@ def train_torch(rank: int, world: int, steps: int) -> tuple[float, float]:
 def train_numpy(rank: int, world: int, steps: int) -> tuple[float, float]:
     import ray
 
-    ray.init(address=os.environ["RAY_ADDRESS"], namespace="andromeda-jobs",
-             log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address=os.environ["RAY_ADDRESS"],
+        namespace="andromeda-jobs",
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
 
     @ray.remote(num_cpus=0)
     class AllReduce:
@@ -87,7 +91,10 @@ def train_numpy(rank: int, world: int, steps: int) -> tuple[float, float]:
 
         async def average(self, step: int, grads: list[np.ndarray]) -> list[np.ndarray]:
             entry = self.steps.setdefault(step, [None, 0, self.asyncio.Event(), 0])
-            entry[0] = grads if entry[0] is None else [a + b for a, b in zip(entry[0], grads)]
+            total = entry[0]
+            entry[0] = (
+                grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+            )
             entry[1] += 1
             if entry[1] == self.world:
                 entry[2].set()
@@ -164,10 +171,13 @@ def main() -> int:
             backend = "torch"
         except ImportError:
             backend = "numpy"
-    log(rank, f"world size {world}, backend {backend}, master "
-              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
-              f"node {os.environ.get('ANDROMEDA_NODE', '?')}, "
-              f"GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}")
+    log(
+        rank,
+        f"world size {world}, backend {backend}, master "
+        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
+        f"node {os.environ.get('ANDROMEDA_NODE', '?')}, "
+        f"GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}",
+    )
     start = time.monotonic()
     train = train_torch if backend == "torch" else train_numpy
     first, last = train(rank, world, args.steps)

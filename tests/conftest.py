@@ -26,7 +26,9 @@ from scheduler.db.engine import make_engine, session_scope
 from scheduler.db.migrate import upgrade
 
 PG_URL = os.environ.get("DATABASE_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-BACKENDS = ["sqlite"] if os.environ.get("ANDROMEDA_SKIP_POSTGRES") == "1" else ["sqlite", "postgres"]
+BACKENDS = (
+    ["sqlite"] if os.environ.get("ANDROMEDA_SKIP_POSTGRES") == "1" else ["sqlite", "postgres"]
+)
 
 
 def free_port() -> int:
@@ -50,7 +52,9 @@ def _pg_schema_url(tmp_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A migrated database per backend for the whole session (tables emptied per test)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'andromeda.db'}"
@@ -94,7 +98,9 @@ def _empty(engine: Engine) -> None:
         else:
             for name in reversed(tables):
                 conn.execute(text(f"DELETE FROM {name}"))
-            conn.execute(text("DELETE FROM sqlite_sequence")) if _has_sqlite_sequence(conn) else None
+            conn.execute(text("DELETE FROM sqlite_sequence")) if _has_sqlite_sequence(
+                conn
+            ) else None
 
 
 def _has_sqlite_sequence(conn) -> bool:  # type: ignore[no-untyped-def]
@@ -115,8 +121,15 @@ class LiveServer:
 
     def __init__(self, app, port: int) -> None:  # type: ignore[no-untyped-def]
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                loop="asyncio", http="httptools", lifespan="on")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -165,3 +178,54 @@ REPO = Path(__file__).resolve().parents[1]
 def session_of(engine: Engine):  # type: ignore[no-untyped-def]
     """``with session_of() as s:`` a committed transaction on this test's database."""
     return lambda: session_scope(engine)
+
+
+# --- one local Ray cluster per test session ----------------------------------------------
+RAY_NODES = {  # node name -> (provider, GPUs); the nodes carry the labels agents would set
+    "ray-a": ("orion", 2),
+    "ray-b": ("orion", 2),
+    "ray-c": ("vega", 4),
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray head and three labelled worker nodes with simulated GPUs; yields the address."""
+    from agents.raynode import RayNode
+    from scheduler.domain.labels import node_labels
+
+    logs = tmp_path_factory.mktemp("ray-logs")
+    head = RayNode(address=None, head_port=free_port(), num_cpus=1, log_path=logs / "head.log")
+    head.start()
+    workers = []
+    try:
+        for name, (provider, gpus) in RAY_NODES.items():
+            level = "spot" if provider == "vega" else "reserved"
+            worker = RayNode(
+                address=head.gcs_address,
+                num_gpus=gpus,
+                num_cpus=2,
+                labels=node_labels(node=name, provider=provider, level=level),
+                log_path=logs / f"{name}.log",
+            )
+            worker.start()
+            workers.append(worker)
+        yield head.gcs_address
+    finally:
+        try:
+            import ray
+
+            ray.shutdown()
+        finally:
+            for worker in workers:
+                worker.stop()
+            head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_backend(ray_cluster: str):  # type: ignore[no-untyped-def]
+    from scheduler.backends.ray_backend import RayBackend
+
+    backend = RayBackend(ray_cluster, reserve_timeout_s=60)
+    yield backend
+    backend.close()

@@ -21,20 +21,33 @@ H200 = ("NVIDIA H200", 150_754_820_096)
 
 
 def provider(
-    session: Session, name: str, level: CommitmentLevel = CommitmentLevel.reserved,
-    *, starts_at: datetime | None = None,
+    session: Session,
+    name: str,
+    level: CommitmentLevel = CommitmentLevel.reserved,
+    *,
+    starts_at: datetime | None = None,
 ) -> Provider:
     p = create_provider(session, name=name)
-    add_agreement(session, provider=p, level=level, starts_at=starts_at or datetime(2020, 1, 1, tzinfo=UTC))
+    add_agreement(
+        session, provider=p, level=level, starts_at=starts_at or datetime(2020, 1, 1, tzinfo=UTC)
+    )
     return p
 
 
 def node(
-    session: Session, prov: Provider, name: str, gpus: int = 4, kind: tuple[str, int] = H100,
-    *, now: datetime | None = None, ray_joined: bool = True,
+    session: Session,
+    prov: Provider,
+    name: str,
+    gpus: int = 4,
+    kind: tuple[str, int] = H100,
+    *,
+    now: datetime | None = None,
+    ray_joined: bool = True,
 ) -> Node:
     body = NodeRegister(
-        name=name, hostname=name, gpus=[
+        name=name,
+        hostname=name,
+        gpus=[
             GpuReport(uuid=f"GPU-{name}-{i}", index=i, name=kind[0], memory_total_bytes=kind[1])
             for i in range(gpus)
         ],
@@ -48,19 +61,34 @@ def node(
 
 
 def job(
-    session: Session, name: str = "train", *, workers: int = 1, gpus_per_worker: int = 1,
-    priority: PriorityClass = PriorityClass.normal, preemptible: bool = True,
-    gpu_model: str | None = None, max_runtime: int | None = None, now: datetime | None = None,
+    session: Session,
+    name: str = "train",
+    *,
+    workers: int = 1,
+    gpus_per_worker: int = 1,
+    priority: PriorityClass = PriorityClass.normal,
+    preemptible: bool = True,
+    gpu_model: str | None = None,
+    max_runtime: int | None = None,
+    now: datetime | None = None,
     entrypoint: str = "true",
 ) -> Job:
     spec = JobSpec(
-        name=name, model="m1", entrypoint=entrypoint, priority=priority, preemptible=preemptible,
-        workers=workers, gpus_per_worker=gpus_per_worker, gpu={"model": gpu_model},  # type: ignore[arg-type]
+        name=name,
+        model="m1",
+        entrypoint=entrypoint,
+        priority=priority,
+        preemptible=preemptible,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        gpu={"model": gpu_model},  # type: ignore[arg-type]
         max_runtime=max_runtime,
     )
     return submit_job(session, spec=spec, owner="tester", now=now or utcnow())
 
 
 def token(session: Session, role: Role, provider_name: str | None = None) -> str:
-    _, secret = create_token(session, name=f"{role.value}-token", role=role, provider_name=provider_name)
+    _, secret = create_token(
+        session, name=f"{role.value}-token", role=role, provider_name=provider_name
+    )
     return secret

@@ -15,6 +15,7 @@ from scheduler.errors import AndromedaError, Unauthenticated, ValidationFailed
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AndromedaError)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    body: dict[str, object]
     if isinstance(exc, ValidationFailed):
         body = {"detail": [{"loc": ["body", exc.field], "msg": exc.detail, "type": "value_error"}]}
     else:

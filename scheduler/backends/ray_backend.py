@@ -15,6 +15,7 @@ This is the only module that imports ``ray``; it does so lazily in ``RayBackend.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -57,8 +58,13 @@ class _WorkerImpl:
         return ip, port
 
     def run(self, command: str, env: dict[str, str], cwd: str | None) -> int:
+        import ray
+
         full_env = dict(os.environ)
         full_env.update(env)
+        # The node this rank really landed on, as Ray knows it: evidence of the pinning.
+        labels = ray.get_runtime_context().get_node_labels()
+        full_env["ANDROMEDA_NODE"] = str(labels.get(NODE_LABEL, ""))
         # "python" in an entrypoint means the interpreter this node runs Ray with.
         full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
         with open(self.log_path, "wb") as out:
@@ -129,7 +135,8 @@ class RayBackend:
                 )
             except Exception as exc:
                 raise BackendError(f"cannot connect to Ray at {address}: {exc}") from exc
-        self._worker_cls = ray.remote(num_cpus=1, max_concurrency=4)(_WorkerImpl)
+        # threaded actor: tail() and terminate() are served while run() blocks
+        self._worker_cls = ray.remote(num_cpus=1, max_concurrency=4)(_WorkerImpl)  # type: ignore[call-overload]
         self._handles: dict[int, _Handle] = {}
         self._lock = threading.RLock()
         self._tail = log_tail_bytes
@@ -242,7 +249,6 @@ class RayBackend:
                     ANDROMEDA_JOB_ID=str(h.launch.job_id),
                     ANDROMEDA_JOB_NAME=h.launch.job_name,
                     ANDROMEDA_ALLOCATION_ID=str(h.launch.allocation_id),
-                    ANDROMEDA_NODE=w.node_name,
                     RAY_ADDRESS=_gcs_address(ray),
                 )
                 if h.launch.checkpoint_uri:
@@ -264,7 +270,8 @@ class RayBackend:
                 h.phase = "succeeded"
 
     def _collect_logs(self, h: _Handle) -> dict[int, str]:
-        refs = {a.tail.remote(self._tail): w.rank for a, w in zip(h.actors, h.launch.workers)}
+        ranks = [w.rank for w in h.launch.workers][: len(h.actors)]
+        refs = {a.tail.remote(self._tail): rank for a, rank in zip(h.actors, ranks, strict=True)}
         out: dict[int, str] = {}
         for ref, rank in refs.items():
             try:
@@ -285,10 +292,8 @@ class RayBackend:
 
         refs = [a.terminate.remote(STOP_GRACE_S) for a in h.actors]
         if refs:
-            try:
+            with contextlib.suppress(Exception):  # the actors may already be dead
                 self._ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S + 5)
-            except Exception:  # noqa: S110 - the actors may already be dead
-                pass
         for actor in h.actors:
             try:
                 self._ray.kill(actor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -13,6 +14,15 @@ import click
 
 from scheduler.cli.common import handle_errors
 from scheduler.client import ApiClient
+from scheduler.domain.jobspec import NAME_RE
+
+
+def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not re.fullmatch(NAME_RE, value):
+        raise click.BadParameter(
+            f"{value!r} is not a lower-case DNS label (a-z, 0-9 and '-', at most 63 characters)"
+        )
+    return value
 
 
 def _default_name() -> str:
@@ -41,6 +51,7 @@ def _default_name() -> str:
     default=_default_name,
     show_default="host name",
     help="Node name: a DNS label, unique in the fleet.",
+    callback=_check_name,
 )
 @click.option(
     "--level",
@@ -128,7 +139,5 @@ def agent(
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        try:
+        with contextlib.suppress(InterruptedError):
             runner.run()
-        except InterruptedError:
-            pass

@@ -15,15 +15,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import click
 
+from agents.raynode import RayNode
 from scheduler.cli.jobs import load_spec
 from scheduler.cli.output import table
 from scheduler.client import ApiClient
+from scheduler.db.engine import make_engine, session_scope
+from scheduler.db.migrate import upgrade
+from scheduler.domain.enums import Role
 from scheduler.domain.units import hours
+from scheduler.schemas import JobPublic
+from scheduler.services.tokens import create_token
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,10 @@ SECOND_WAVE = ("urgent-finetune.yaml",)
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
+def _joined(api: ApiClient, name: str) -> bool:
+    return any(n.name == name and n.ray_joined for n in api.nodes())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,6 +75,7 @@ class Demo:
         self.t0 = time.monotonic()
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.logs = data_dir / "logs"
+        self.seen: dict[int, str] = {}  # job id -> last status shown
 
     def say(self, msg: str) -> None:
         click.echo(f"[{time.monotonic() - self.t0:6.1f}s] {msg}")
@@ -91,12 +104,6 @@ class Demo:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def run(self) -> int:
-        from agents.raynode import RayNode
-        from scheduler.db.engine import make_engine, session_scope
-        from scheduler.db.migrate import upgrade
-        from scheduler.domain.enums import Role
-        from scheduler.services.tokens import create_token
-
         shutil.rmtree(self.data_dir, ignore_errors=True)
         shutil.rmtree("/tmp/andromeda-demo", ignore_errors=True)
         self.logs.mkdir(parents=True)
@@ -109,24 +116,13 @@ class Demo:
         head.start()
         try:
             self.say(f"Ray head up at {head.gcs_address}")
-            return self._with_head(
-                head.gcs_address, db_url, upgrade, make_engine, session_scope, create_token, Role
-            )
+            return self._with_head(head.gcs_address, db_url)
         finally:
             self.stop_all()
             head.stop()
             self.say("stopped agents, Ray workers, control plane and Ray head")
 
-    def _with_head(
-        self,
-        ray_address: str,
-        db_url: str,
-        upgrade,
-        make_engine,
-        session_scope,  # type: ignore[no-untyped-def]
-        create_token,
-        Role,
-    ) -> int:
+    def _with_head(self, ray_address: str, db_url: str) -> int:
         upgrade(db_url)
         with session_scope(make_engine(db_url)) as session:
             _, admin = create_token(session, name="demo-admin", role=Role.admin)
@@ -183,11 +179,7 @@ class Demo:
             )
             # Ray workers on one host are started one at a time (their ports are picked
             # at start and can collide when several start at once).
-            self._wait(
-                lambda n=node: any(x.name == n.name and x.ray_joined for x in api.nodes()),
-                120,
-                f"node {node.name}",
-            )
+            self._wait(partial(_joined, api, node.name), 120, f"node {node.name}")
             self.say(f"node {node.name} ready: {node.gpus} of {node.provider}, Ray worker joined")
 
         eng = ApiClient(server_url, engineer)
@@ -218,7 +210,7 @@ class Demo:
     ) -> list[int]:
         """Print each status change; return when ``until_running`` jobs run (then wait
         ``extra_wait_s``) or, without it, when every job has finished."""
-        seen: dict[int, str] = {}
+        seen = self.seen
         deadline = time.monotonic() + self.timeout_s
         ready_at: float | None = None
         while time.monotonic() < deadline:
@@ -243,7 +235,7 @@ class Demo:
         )
 
     @staticmethod
-    def _describe(eng: ApiClient, j) -> str:  # type: ignore[no-untyped-def]
+    def _describe(eng: ApiClient, j: JobPublic) -> str:
         if j.status.value == "running":
             alloc = eng.job(j.id).allocations[-1]
             nodes = sorted({w.node for w in alloc.workers})
@@ -309,7 +301,7 @@ class Demo:
         self.say(f"done: {len(ids) - failed} of {len(ids)} jobs completed")
         return 0 if failed == 0 else 1
 
-    def _wait(self, check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    def _wait(self, check: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:

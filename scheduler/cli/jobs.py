@@ -189,5 +189,6 @@ def usage(
     click.echo(f"GPU usage {report.start.isoformat()} .. {report.end.isoformat()}")
     click.echo(table(headers, rows) if rows else "(no usage in this window)")
     click.echo(
-        f"total: {report.total_gpu_seconds} GPU-seconds = {hours(report.total_gpu_seconds)} GPU-hours"
+        f"total: {report.total_gpu_seconds} GPU-seconds"
+        f" = {hours(report.total_gpu_seconds)} GPU-hours"
     )

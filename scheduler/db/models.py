@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from scheduler.db.types import UTCDateTime, str_enum, utcnow
@@ -134,7 +134,7 @@ class Allocation(SQLModel, table=True):
 class AllocationGpu(SQLModel, table=True):
     """Which GPU of which node serves which worker rank of an allocation."""
 
-    __tablename__ = "allocation_gpu"  # type: ignore[assignment]
+    __tablename__ = "allocation_gpu"
     __table_args__ = (UniqueConstraint("allocation_id", "gpu_id"),)
 
     id: int | None = Field(default=None, primary_key=True)
@@ -151,7 +151,7 @@ class UsageInterval(SQLModel, table=True):
     node or agreement never rewrites history.
     """
 
-    __tablename__ = "usage_interval"  # type: ignore[assignment]
+    __tablename__ = "usage_interval"
     __table_args__ = (Index("ix_usage_provider_time", "provider_id", "started_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
@@ -173,7 +173,7 @@ class UsageInterval(SQLModel, table=True):
 class JobLog(SQLModel, table=True):
     """The tail of one worker's output, kept after the worker is gone."""
 
-    __tablename__ = "job_log"  # type: ignore[assignment]
+    __tablename__ = "job_log"
     __table_args__ = (UniqueConstraint("allocation_id", "rank"),)
 
     id: int | None = Field(default=None, primary_key=True)
@@ -186,7 +186,7 @@ class JobLog(SQLModel, table=True):
 class ApiToken(SQLModel, table=True):
     """A bearer token. Only its SHA-256 is stored; the secret is shown once, at creation."""
 
-    __tablename__ = "api_token"  # type: ignore[assignment]
+    __tablename__ = "api_token"
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=100)
     role: Role = Field(sa_type=str_enum(Role))

@@ -8,9 +8,8 @@ aware times, whichever database is underneath.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
-
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import DateTime
 from sqlalchemy import Enum as SAEnum

@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlmodel import Session, col, func, select
 
 from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider
-from scheduler.domain.enums import EndReason, JobStatus
+from scheduler.domain.enums import JobStatus
 from scheduler.domain.jobspec import JobSpec
 from scheduler.errors import NotFound, ValidationFailed
 from scheduler.schemas import AllocationPublic, JobDetail, JobPublic, WorkerPublic
@@ -75,14 +75,13 @@ def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int =
 
 
 def cancel_job(session: Session, *, job_id: int, now: datetime) -> Job:
-    job = get_job(session, job_id=job_id)
+    """Cancel a pending or running job; a running job's allocation ends ``cancelled``."""
     return transition_job(
         session,
         job_id=job_id,
         to=JobStatus.cancelled,
         now=now,
         expect=(JobStatus.pending, JobStatus.running),
-        end_reason=EndReason.cancelled if job.status == JobStatus.running else None,
     )
 
 

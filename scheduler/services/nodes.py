@@ -53,10 +53,11 @@ def register_node(session: Session, *, provider_id: int, body: NodeRegister, now
         if gpu is not None and gpu.node_id != node.id:
             raise Conflict(f"GPU {report.uuid} is registered on another node")
         if gpu is None:
+            assert node.id is not None
             gpu = Gpu(
                 node_id=node.id,
                 uuid=report.uuid,
-                index=report.index,  # type: ignore[arg-type]
+                index=report.index,
                 name=report.name,
                 model="",
                 memory_bytes=report.memory_total_bytes,

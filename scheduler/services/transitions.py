@@ -94,14 +94,17 @@ def transition_job(
     states or ``Conflict`` is raised and nothing is written. The job row is locked
     (``FOR UPDATE`` on PostgreSQL) for the rest of the transaction.
     """
-    job = session.exec(lock_for_update(select(Job).where(Job.id == job_id), session)).first()
+    # populate_existing: a Job already in this session's identity map may be stale; the
+    # locked read must see the committed row, or a concurrent move would be overwritten.
+    stmt = lock_for_update(select(Job).where(Job.id == job_id), session)
+    job = session.exec(stmt.execution_options(populate_existing=True)).first()
     if job is None:
         raise NotFound(f"job {job_id} not found")
     current = JobStatus(job.status)
-    if expect is not None and current not in expect:
-        raise Conflict(f"job {job_id} is {current.value}, expected {', '.join(expect)}")
     if current.is_terminal:
         raise Conflict(f"job {job_id} already {current.value}")
+    if expect is not None and current not in expect:
+        raise Conflict(f"job {job_id} is {current.value}, expected {', '.join(expect)}")
 
     if current is JobStatus.pending and to is JobStatus.running:
         if placement is None:
@@ -197,7 +200,8 @@ def _close_allocation(
         .where(AllocationGpu.allocation_id == alloc.id)
     ).all()
     start_s = int(alloc.started_at.timestamp() // 1)
-    for ag, gpu, node, agreement in rows:
+    for _ag, gpu, node, agreement in rows:
+        assert gpu.id is not None and node.id is not None and agreement.id is not None
         session.add(
             UsageInterval(
                 key=f"{alloc.id}:{gpu.uuid}:{start_s}",

@@ -23,17 +23,25 @@ T0 = datetime(2026, 11, 1, 12, 0, 0, 250_000, tzinfo=UTC)
 
 
 def _gpus(session, node) -> list[int]:  # type: ignore[no-untyped-def]
-    return [g.id for g in session.exec(select(Gpu).where(Gpu.node_id == node.id).order_by(col(Gpu.index)))]
+    return [
+        g.id
+        for g in session.exec(select(Gpu).where(Gpu.node_id == node.id).order_by(col(Gpu.index)))
+    ]
 
 
 def _place(session, job, prov, node, gpu_ids, at):  # type: ignore[no-untyped-def]
     per = job.gpus_per_worker
     workers = tuple(
-        WorkerGpus(rank=r, node_id=node.id, gpu_ids=tuple(gpu_ids[r * per:(r + 1) * per]))
+        WorkerGpus(rank=r, node_id=node.id, gpu_ids=tuple(gpu_ids[r * per : (r + 1) * per]))
         for r in range(job.num_workers)
     )
-    return transition_job(session, job_id=job.id, to=JobStatus.running, now=at,
-                          placement=PlacementRecord(provider_id=prov.id, workers=workers))
+    return transition_job(
+        session,
+        job_id=job.id,
+        to=JobStatus.running,
+        now=at,
+        placement=PlacementRecord(provider_id=prov.id, workers=workers),
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,7 +64,9 @@ def test_consecutive_intervals_add_up_exactly_to_the_whole() -> None:
     assert parts == gpu_seconds(cuts[0], cuts[-1])
 
 
-def test_a_finished_allocation_writes_one_usage_row_per_gpu_in_the_same_transaction(session_of) -> None:  # type: ignore[no-untyped-def]
+def test_a_finished_allocation_writes_one_usage_row_per_gpu_in_the_same_transaction(
+    session_of,
+) -> None:  # type: ignore[no-untyped-def]
     with session_of() as s:
         prov = f.provider(s, "orion", CommitmentLevel.reserved)
         node = f.node(s, prov, "orion-1", gpus=4)
@@ -105,8 +115,13 @@ def test_preempt_and_resume_gives_two_allocations_and_never_overlapping_usage(se
         gpus = _gpus(s, node)
         _place(s, job, prov, node, gpus, T0)
     with session_of() as s:
-        transition_job(s, job_id=job.id, to=JobStatus.pending, now=T0 + timedelta(seconds=30),
-                       end_reason=EndReason.preempted)
+        transition_job(
+            s,
+            job_id=job.id,
+            to=JobStatus.pending,
+            now=T0 + timedelta(seconds=30),
+            end_reason=EndReason.preempted,
+        )
     with session_of() as s:
         _place(s, s.get(Job, job.id), prov, node, gpus, T0 + timedelta(seconds=45))
     with session_of() as s:
@@ -129,23 +144,32 @@ def test_provider_gpu_seconds_equal_the_sum_over_its_allocations(session_of) -> 
     with session_of() as s:
         orion, vega = f.provider(s, "orion"), f.provider(s, "vega", CommitmentLevel.spot)
         n1, n2 = f.node(s, orion, "orion-1", gpus=4), f.node(s, vega, "vega-1", gpus=2, kind=f.H200)
-        jobs = [f.job(s, "a", gpus_per_worker=3), f.job(s, "b", gpus_per_worker=1),
-                f.job(s, "c", gpus_per_worker=2)]
+        jobs = [
+            f.job(s, "a", gpus_per_worker=3),
+            f.job(s, "b", gpus_per_worker=1),
+            f.job(s, "c", gpus_per_worker=2),
+        ]
         _place(s, jobs[0], orion, n1, _gpus(s, n1)[:3], T0)
         _place(s, jobs[1], orion, n1, _gpus(s, n1)[3:], T0 + timedelta(seconds=5))
         _place(s, jobs[2], vega, n2, _gpus(s, n2), T0 + timedelta(seconds=7))
     ends = {jobs[0].id: 100, jobs[1].id: 61, jobs[2].id: 3600}
     for job_id, secs in ends.items():
         with session_of() as s:
-            transition_job(s, job_id=job_id, to=JobStatus.completed, now=T0 + timedelta(seconds=secs))
+            transition_job(
+                s, job_id=job_id, to=JobStatus.completed, now=T0 + timedelta(seconds=secs)
+            )
     with session_of() as s:
         report = usage_by_provider(s, start=T0 - timedelta(days=1), end=T0 + timedelta(days=1))
         by_provider = {r.provider: r.gpu_seconds for r in report.rows}
         allocs = s.exec(select(Allocation)).all()
         expected: dict[int, int] = {}
         for a in allocs:
-            n = s.exec(select(func.count(col(AllocationGpu.id))).where(AllocationGpu.allocation_id == a.id)).one()
-            expected[a.provider_id] = expected.get(a.provider_id, 0) + n * gpu_seconds(a.started_at, a.ended_at)  # type: ignore[arg-type]
+            n = s.exec(
+                select(func.count(col(AllocationGpu.id))).where(AllocationGpu.allocation_id == a.id)
+            ).one()
+            expected[a.provider_id] = expected.get(a.provider_id, 0) + n * gpu_seconds(
+                a.started_at, a.ended_at
+            )  # type: ignore[arg-type]
         assert by_provider == {"orion": expected[orion.id], "vega": expected[vega.id]}
         assert by_provider == {"orion": 3 * 100 + 1 * 56, "vega": 2 * 3593}
         assert {(r.provider, r.level, r.gpu_model) for r in report.rows} == {
@@ -208,3 +232,34 @@ def test_a_finished_job_never_changes_again(session_of) -> None:  # type: ignore
         transition_job(s, job_id=job.id, to=JobStatus.cancelled, now=T0)
     with pytest.raises(Conflict, match="already cancelled"), session_of() as s:
         transition_job(s, job_id=job.id, to=JobStatus.failed, now=T0)
+
+
+def test_a_cancel_that_read_the_job_before_it_started_still_closes_its_allocation(
+    engine, session_of, db_kind
+) -> None:  # type: ignore[no-untyped-def]
+    """Regression: the locked read must refresh a job already loaded in the session, or a
+    cancel racing the scheduler would mark a running job cancelled and leave its allocation
+    (and its GPUs) open forever."""
+    if db_kind == "sqlite":
+        pytest.skip("SQLite runs one write transaction at a time (BEGIN IMMEDIATE): no such race")
+    from sqlmodel import Session
+
+    from scheduler.services.jobs import cancel_job
+
+    with session_of() as s:
+        prov = f.provider(s, "orion")
+        node = f.node(s, prov, "orion-1", gpus=1)
+        job = f.job(s)
+    api = Session(engine)
+    try:
+        assert api.get(Job, job.id).status == JobStatus.pending  # type: ignore[union-attr]
+        with session_of() as loop:  # the scheduler starts it meanwhile
+            _place(loop, loop.get(Job, job.id), prov, node, _gpus(loop, node), T0)
+        cancel_job(api, job_id=job.id, now=T0 + timedelta(seconds=20))
+        api.commit()
+    finally:
+        api.close()
+    with session_of() as s:
+        alloc = s.exec(select(Allocation)).one()
+        assert alloc.ended_at is not None and alloc.end_reason == EndReason.cancelled
+        assert s.exec(select(UsageInterval)).one().gpu_seconds == 20

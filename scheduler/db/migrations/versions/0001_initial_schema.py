@@ -13,7 +13,6 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-
 import scheduler.db.types
 
 revision: str = "0001"

@@ -1,0 +1,72 @@
+"""The agent command against the real server over HTTP: real NVML recordings (H100, H200)
+replayed through the stand-in pynvml, and simulated GPUs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scheduler.cli.main import cli
+from scheduler.client import ApiClient
+from scheduler.domain.enums import CommitmentLevel, Role
+from tests import factories as f
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
+
+
+@pytest.fixture
+def tokens(session_of) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    with session_of() as s:
+        f.provider(s, "orion", CommitmentLevel.committed)
+        return {"orion": f.token(s, Role.provider, "orion"), "partner": f.token(s, Role.partner_manager)}
+
+
+def _agent(server, token: str, *args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(cli, ["agent", "--server", server.url, "--token", token, "--once", *args])
+
+
+@pytest.mark.parametrize(
+    ("recording", "model"), [("h100-80gb-hbm3", "H100-80GB"), ("h200-141gb", "H200-141GB")]
+)
+def test_an_agent_replaying_real_nvml_registers_the_recorded_gpu(server, tokens, recording, model) -> None:  # type: ignore[no-untyped-def]
+    snapshot = json.loads((FIXTURES / recording / "nvml_snapshot.json").read_text())
+    uuid = snapshot["devices"][0]["queries"]["nvmlDeviceGetUUID"]
+    result = _agent(server, tokens["orion"], "--name", "gpu-host-1", "--replay", str(FIXTURES / recording))
+    assert result.exit_code == 0, result.output
+    assert f"node gpu-host-1 (orion, committed): 1 GPU(s) {model}" in result.output
+    with ApiClient(server.url, tokens["partner"]) as api:
+        (node,) = api.nodes()
+    (gpu,) = node.gpus
+    assert gpu.uuid == uuid and gpu.model == model and gpu.health.value == "ok"
+    assert gpu.memory_bytes == snapshot["devices"][0]["queries"]["nvmlDeviceGetMemoryInfo"]["total"]
+
+
+def test_a_simulated_agent_registers_its_gpus(server, tokens) -> None:  # type: ignore[no-untyped-def]
+    result = _agent(server, tokens["orion"], "--name", "sim-1", "--simulate", "8xH100-80GB")
+    assert result.exit_code == 0, result.output
+    with ApiClient(server.url, tokens["partner"]) as api:
+        (node,) = api.nodes()
+    assert len(node.gpus) == 8 and {g.model for g in node.gpus} == {"H100-80GB"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--simulate", "4xH100"], "expected COUNTxMODEL-MEMGB"),
+        (["--simulate", "0xH100-80GB"], "count must be 1..16, got 0"),
+        (["--name", "Bad_Name", "--simulate", "1xH100-80GB"], "not a lower-case DNS label"),
+    ],
+)
+def test_an_agent_with_bad_options_says_what_is_wrong(server, tokens, args, message) -> None:  # type: ignore[no-untyped-def]
+    result = _agent(server, tokens["orion"], *args)
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+def test_an_agent_with_an_unknown_token_fails_with_a_readable_error(server, tokens) -> None:  # type: ignore[no-untyped-def]
+    result = _agent(server, "andr_wrong", "--simulate", "1xH100-80GB", "--name", "n1")
+    assert result.exit_code == 1
+    assert "HTTP 401: unknown or revoked token" in result.output

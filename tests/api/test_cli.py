@@ -1,0 +1,106 @@
+"""The engineer's and partner manager's commands against the real server over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scheduler.cli.main import cli
+from scheduler.domain.enums import CommitmentLevel, Role
+from tests import factories as f
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def env(server, session_of) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    with session_of() as s:
+        orion = f.provider(s, "orion", CommitmentLevel.reserved)
+        f.node(s, orion, "orion-1", gpus=4)
+        return {
+            "ANDROMEDA_SERVER": server.url,
+            "ANDROMEDA_TOKEN": f.token(s, Role.engineer),
+            "PARTNER": f.token(s, Role.partner_manager),
+            "ADMIN": f.token(s, Role.admin),
+        }
+
+
+def run(env: dict[str, str], *args: str, token: str | None = None):  # type: ignore[no-untyped-def]
+    e = {"ANDROMEDA_SERVER": env["ANDROMEDA_SERVER"], "ANDROMEDA_TOKEN": token or env["ANDROMEDA_TOKEN"]}
+    return CliRunner().invoke(cli, list(args), env=e)
+
+
+def test_submit_list_show_and_cancel_a_job(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: t1\nmodel: m\nentrypoint: echo hi\npriority: low\nworking_dir: .\n")
+    out = run(env, "submit", str(spec))
+    assert out.exit_code == 0, out.output
+    job_id = out.output.split()[1]
+    listed = run(env, "jobs")
+    assert "t1" in listed.output and "pending" in listed.output
+    shown = run(env, "job", job_id)
+    assert f"job {job_id}: t1  (pending)" in shown.output and "waiting:" in shown.output
+    cancelled = run(env, "cancel", job_id)
+    assert cancelled.output.strip() == f"job {job_id} cancelled"
+    again = run(env, "cancel", job_id)
+    assert again.exit_code == 1 and "HTTP 409" in again.output
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("name: t\nmodel: m\n", "entrypoint: Field required"),
+        ("name: t\nmodel: m\nentrypoint: x\ngpus_per_worker: 0\n", "gpus_per_worker: Input should be greater than or equal to 1"),
+        ("name: t\nmodel: m\nentrypoint: x\npriority: asap\n", "priority: Input should be"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("name: [unclosed\n", "cannot read YAML"),
+    ],
+)
+def test_submit_rejects_a_bad_spec_before_sending_it_and_says_why(env, tmp_path: Path, yaml_text, message) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml_text)
+    out = run(env, "submit", str(spec))
+    assert out.exit_code == 1
+    assert message in out.output
+    assert "t" not in run(env, "jobs").output.split("\n", 1)[-1]
+
+
+def test_the_server_names_a_fleet_problem_the_spec_alone_cannot_show(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "big.yaml"
+    spec.write_text("name: big\nmodel: m\nentrypoint: x\ngpus_per_worker: 16\n")
+    out = run(env, "submit", str(spec))
+    assert out.exit_code == 1
+    assert "HTTP 422: gpus_per_worker: 16 GPUs per worker, but the largest node has 4" in out.output
+
+
+def test_every_example_job_spec_is_valid(env) -> None:  # type: ignore[no-untyped-def]
+    from scheduler.cli.jobs import load_spec
+
+    specs = sorted((REPO / "examples" / "jobs").glob("*.yaml"))
+    assert len(specs) >= 4
+    for path in specs:
+        data = load_spec(path)
+        assert Path(data["working_dir"]) == REPO, path
+
+
+def test_usage_prints_a_table_with_exact_totals(env) -> None:  # type: ignore[no-untyped-def]
+    out = run(env, "usage", "--by", "provider", token=env["PARTNER"])
+    assert out.exit_code == 0, out.output
+    assert "(no usage in this window)" in out.output
+    assert "total: 0 GPU-seconds = 0.0000 GPU-hours" in out.output
+    denied = run(env, "usage")  # an engineer token may not read provider usage
+    assert denied.exit_code == 1 and "HTTP 403" in denied.output
+
+
+def test_nodes_and_node_drain(env) -> None:  # type: ignore[no-untyped-def]
+    out = run(env, "nodes")
+    assert "orion-1" in out.output and "4xH100-80GB" in out.output
+    drained = run(env, "node", "drain", "orion-1", "--reason", "maintenance", token=env["ADMIN"])
+    assert drained.output.strip() == "node orion-1: draining"
+
+
+def test_an_unreachable_server_gives_one_readable_line(tmp_path: Path) -> None:
+    out = CliRunner().invoke(cli, ["jobs"], env={"ANDROMEDA_SERVER": "http://127.0.0.1:9", "ANDROMEDA_TOKEN": "x"})
+    assert out.exit_code == 1
+    assert "cannot reach http://127.0.0.1:9" in out.output and "andromeda server" in out.output
