@@ -38,6 +38,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/bench_policy.py
+	$(BIN)/python bench/bench_ray_backend.py
 
 lint: install
 	$(BIN)/ruff check scheduler agents tests bench examples
