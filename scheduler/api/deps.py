@@ -23,7 +23,10 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the transaction commits before the response is sent, so a client that
+# got its answer (a cancel, say) can rely on the change being visible to everyone, the
+# scheduler loop included. With the default scope the commit would run after the response.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_principal(

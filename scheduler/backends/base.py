@@ -39,7 +39,8 @@ class Phase(StrEnum):
     starting = "starting"  # reserving the placement group or starting workers
     running = "running"
     succeeded = "succeeded"
-    failed = "failed"
+    failed = "failed"  # the entrypoint failed (a rank exited non-zero), or Ray refused
+    lost = "lost"  # a worker died with its node or process, not by the entrypoint's exit
     unknown = "unknown"  # the backend has no record of the allocation
 
 

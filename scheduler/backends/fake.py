@@ -21,6 +21,10 @@ class FakeBackend:
     def finish(self, allocation_id: int, *, ok: bool = True, error: str | None = None) -> None:
         self.states[allocation_id] = AllocationState(Phase.succeeded if ok else Phase.failed, error)
 
+    def lose(self, allocation_id: int, error: str = "ActorDiedError: node died") -> None:
+        """The workers died with their node (not by the entrypoint's exit)."""
+        self.states[allocation_id] = AllocationState(Phase.lost, error)
+
     def poll(self, allocation_id: int) -> AllocationState:
         return self.states.get(allocation_id, AllocationState(Phase.unknown))
 

@@ -7,8 +7,9 @@ Life of an allocation here (advanced by ``poll``, never blocking the scheduler l
     launching  one worker actor per bundle; rank 0 reports its address and a free port
     running    every worker runs the entrypoint as a subprocess with RANK, WORLD_SIZE,
                LOCAL_RANK, MASTER_ADDR, MASTER_PORT and CUDA_VISIBLE_DEVICES set
-    done       all exited 0 (succeeded), or one failed / its node died (failed); the
-               remaining workers are stopped at once so a gang never runs partly
+    done       all exited 0 (succeeded), one exited non-zero (failed), or a worker's actor
+               died, with its node or its process (lost); the scheduler loop then stops
+               the remaining workers at once, so a gang never runs partly
 
 This is the only module that imports ``ray``; it does so lazily in ``RayBackend.__init__``.
 """
@@ -177,10 +178,13 @@ class RayBackend:
                 return AllocationState(Phase.unknown)
             try:
                 self._advance(handle)
-            except Exception as exc:  # a worker or its node died, or Ray refused
+            except self._ray.exceptions.RayActorError as exc:  # a worker or its node died
+                handle.phase = "lost"
+                handle.error = handle.error or _describe(exc)
+            except Exception as exc:  # Ray refused, or the group could not be placed
                 handle.phase = "failed"
                 handle.error = handle.error or _describe(exc)
-            if handle.phase in ("succeeded", "failed"):
+            if handle.phase in ("succeeded", "failed", "lost"):
                 return AllocationState(Phase(handle.phase), handle.error)
             return AllocationState(Phase.running if handle.phase == "running" else Phase.starting)
 

@@ -37,12 +37,13 @@ from scheduler.errors import Conflict
 from scheduler.loop import snapshot
 from scheduler.policy import Decision, Placement, schedule
 from scheduler.services.jobs import save_logs
-from scheduler.services.nodes import mark_lost_nodes
-from scheduler.services.transitions import PlacementRecord, WorkerGpus, transition_job
+from scheduler.services.nodes import mark_lost_nodes, stale_node_ids
+from scheduler.services.transitions import PlacementRecord, transition_job
 
 log = logging.getLogger(__name__)
 
 PolicyFn = Callable[..., Decision]
+MAX_ATTEMPTS = 3  # a job whose workers keep dying with their node is failed after this many
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Scheduler:
         with session_scope(self.engine) as session:
             lost = mark_lost_nodes(session, now=now, lost_after_s=self.node_lost_after_s)
             report.lost_nodes = [n.name for n in lost]
-            lost_ids = [n.id for n in lost]
+            lost_ids = stale_node_ids(session, now=now, lost_after_s=self.node_lost_after_s)
             victims = session.exec(
                 select(Allocation.job_id)
                 .join(AllocationGpu, col(AllocationGpu.allocation_id) == col(Allocation.id))
@@ -119,26 +120,35 @@ class Scheduler:
             state = self.backend.poll(alloc.id)
             now = self.clock()
             if state.phase is Phase.succeeded:
-                self._finish(alloc.id, job.id, JobStatus.completed, EndReason.completed, None)
+                self._end(alloc.id, job.id, JobStatus.completed, EndReason.completed, None)
                 report.finished[job.id] = JobStatus.completed
             elif state.phase is Phase.failed:
-                self._finish(alloc.id, job.id, JobStatus.failed, EndReason.failed, state.error)
+                self._end(alloc.id, job.id, JobStatus.failed, EndReason.failed, state.error)
                 report.finished[job.id] = JobStatus.failed
+            elif state.phase is Phase.lost and job.attempts >= MAX_ATTEMPTS:
+                error = f"{state.error} (gave up after {job.attempts} attempts)"
+                self._end(alloc.id, job.id, JobStatus.failed, EndReason.node_lost, error)
+                report.finished[job.id] = JobStatus.failed
+            elif state.phase is Phase.lost:
+                self._end(alloc.id, job.id, JobStatus.pending, EndReason.node_lost, state.error)
+                report.requeued[job.id] = EndReason.node_lost
             elif state.phase is Phase.unknown:
-                self._requeue(job.id, EndReason.failed, "the backend lost its workers")
+                error = "the backend lost track of its workers (control-plane restart?)"
+                self._end(alloc.id, job.id, JobStatus.pending, EndReason.failed, error)
                 report.requeued[job.id] = EndReason.failed
             elif job.max_runtime_s and now - alloc.started_at > timedelta(
                 seconds=job.max_runtime_s
             ):
                 error = f"stopped after its max_runtime of {job.max_runtime_s}s"
-                self._finish(alloc.id, job.id, JobStatus.failed, EndReason.timeout, error)
+                self._end(alloc.id, job.id, JobStatus.failed, EndReason.timeout, error)
                 report.finished[job.id] = JobStatus.failed
 
-    def _finish(
+    def _end(
         self, alloc_id: int, job_id: int, to: JobStatus, reason: EndReason, error: str | None
     ) -> None:
-        logs = self.backend.logs(alloc_id)
-        self.backend.stop(alloc_id)
+        """Stop the workers (keeping their output), then record the end: finished, or back
+        to the queue when ``to`` is pending."""
+        logs = self._stop(alloc_id)
         now = self.clock()
         with session_scope(self.engine) as session:
             save_logs(session, allocation_id=alloc_id, logs=logs, now=now)
@@ -155,20 +165,12 @@ class Scheduler:
             except Conflict as exc:  # cancelled through the API meanwhile: that decision stands
                 log.info("job %s: %s", job_id, exc)
 
-    def _requeue(self, job_id: int, reason: EndReason, error: str) -> None:
-        with session_scope(self.engine) as session:
-            try:
-                transition_job(
-                    session,
-                    job_id=job_id,
-                    to=JobStatus.pending,
-                    now=self.clock(),
-                    expect=(JobStatus.running,),
-                    end_reason=reason,
-                    error=error,
-                )
-            except Conflict as exc:
-                log.info("job %s: %s", job_id, exc)
+    def _stop(self, alloc_id: int) -> dict[int, str]:
+        """Stop an allocation's workers; returns each rank's last output, which the caller
+        saves in the transaction that records why they stopped."""
+        logs = self.backend.logs(alloc_id)
+        self.backend.stop(alloc_id)
+        return logs
 
     # 3. reconcile -------------------------------------------------------------------------
     def _reconcile(self) -> None:
@@ -183,8 +185,7 @@ class Scheduler:
             ).all()
         for alloc_id in closed:
             assert alloc_id is not None
-            logs = self.backend.logs(alloc_id)
-            self.backend.stop(alloc_id)
+            logs = self._stop(alloc_id)
             with session_scope(self.engine) as session:
                 save_logs(session, allocation_id=alloc_id, logs=logs, now=self.clock())
 
@@ -202,8 +203,7 @@ class Scheduler:
         for placement in decision.placements:
             for alloc_id in placement.preempts:
                 job_id = victims_by_alloc[alloc_id]
-                logs = self.backend.logs(alloc_id)
-                self.backend.stop(alloc_id)
+                logs = self._stop(alloc_id)
                 with session_scope(self.engine) as session:
                     save_logs(session, allocation_id=alloc_id, logs=logs, now=self.clock())
                     transition_job(
@@ -228,13 +228,7 @@ class Scheduler:
         report.pending = dict(decision.pending)
 
     def _start(self, placement: Placement, report: CycleReport) -> None:
-        record = PlacementRecord(
-            provider_id=placement.provider_id,
-            workers=tuple(
-                WorkerGpus(rank=w.rank, node_id=w.node_id, gpu_ids=w.gpu_ids)
-                for w in placement.workers
-            ),
-        )
+        record = PlacementRecord(provider_id=placement.provider_id, workers=placement.workers)
         with session_scope(self.engine) as session:
             job = transition_job(
                 session,
@@ -249,7 +243,10 @@ class Scheduler:
             self.backend.start(launch)
         except BackendError as exc:
             log.warning("job %s: backend refused the start: %s", job.id, exc)
-            self._requeue(placement.job_id, EndReason.failed, f"start failed: {exc}")
+            error = f"start failed: {exc}"
+            self._end(
+                launch.allocation_id, placement.job_id, JobStatus.pending, EndReason.failed, error
+            )
             report.requeued[placement.job_id] = EndReason.failed
             return
         report.started.append(placement.job_id)

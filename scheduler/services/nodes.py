@@ -103,7 +103,7 @@ def heartbeat(session: Session, *, node: Node, body: Heartbeat, now: datetime) -
         session.add(gpu)
     node.last_heartbeat_at = now
     node.ray_joined = body.ray_joined
-    if node.status == NodeStatus.lost:
+    if node.status == NodeStatus.lost:  # only ready nodes are ever marked lost
         log.info("node %s is back after being lost", node.name)
         node.status = NodeStatus.ready
         node.status_reason = None
@@ -126,12 +126,17 @@ def set_node_status(
 
 
 def mark_lost_nodes(session: Session, *, now: datetime, lost_after_s: int) -> list[Node]:
-    """Mark nodes whose last heartbeat is older than ``lost_after_s`` as lost."""
-    cutoff = now - timedelta(seconds=lost_after_s)
+    """Mark ``ready`` nodes whose last heartbeat is older than ``lost_after_s`` as lost.
+
+    Draining and cordoned nodes keep their status (an operator's decision must survive an
+    outage); they take no new work anyway, and ``stale_node_ids`` still finds them so that
+    their running jobs are requeued.
+    """
     stale = list(
         session.exec(
             select(Node).where(
-                col(Node.status) != NodeStatus.lost, col(Node.last_heartbeat_at) < cutoff
+                Node.status == NodeStatus.ready,
+                col(Node.last_heartbeat_at) < now - timedelta(seconds=lost_after_s),
             )
         )
     )
@@ -142,6 +147,16 @@ def mark_lost_nodes(session: Session, *, now: datetime, lost_after_s: int) -> li
         log.warning("node %s lost: %s", node.name, node.status_reason)
     session.flush()
     return stale
+
+
+def stale_node_ids(session: Session, *, now: datetime, lost_after_s: int) -> list[int]:
+    """Nodes of any status whose last heartbeat is older than ``lost_after_s``."""
+    cutoff = now - timedelta(seconds=lost_after_s)
+    return [
+        node_id
+        for node_id in session.exec(select(Node.id).where(col(Node.last_heartbeat_at) < cutoff))
+        if node_id is not None
+    ]
 
 
 def held_gpu_ids(session: Session) -> set[int]:

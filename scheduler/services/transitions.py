@@ -11,7 +11,8 @@ Allowed moves:
     running  -> pending      requeue: the allocation ends as preempted, node_lost,
                              provider_reclaim or failed (workers lost), and its usage is written
     running  -> completed | failed | cancelled
-                             the allocation ends (completed, failed, timeout, cancelled)
+                             the allocation ends (completed, failed, timeout, cancelled;
+                             node_lost when a job's workers keep dying and it is given up)
 
 GPU-seconds: an interval [start, end) counts ``floor(end) - floor(start)`` in Unix seconds.
 Consecutive intervals therefore add up exactly (the floors telescope), and a second is never
@@ -39,6 +40,7 @@ from scheduler.db.models import (
 )
 from scheduler.domain.enums import EndReason, JobStatus
 from scheduler.errors import Conflict, NotFound
+from scheduler.policy.types import WorkerPlacement
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +49,15 @@ REQUEUE_REASONS = frozenset(
 )
 _FINISH_REASONS: dict[JobStatus, frozenset[EndReason]] = {
     JobStatus.completed: frozenset({EndReason.completed}),
-    JobStatus.failed: frozenset({EndReason.failed, EndReason.timeout}),
+    JobStatus.failed: frozenset({EndReason.failed, EndReason.timeout, EndReason.node_lost}),
     JobStatus.cancelled: frozenset({EndReason.cancelled}),
 }
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerGpus:
-    rank: int
-    node_id: int
-    gpu_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class PlacementRecord:
     provider_id: int
-    workers: tuple[WorkerGpus, ...]
+    workers: tuple[WorkerPlacement, ...]
 
 
 def gpu_seconds(start: datetime, end: datetime) -> int:

@@ -21,20 +21,29 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
 def tokens(session_of) -> dict[str, str]:  # type: ignore[no-untyped-def]
     with session_of() as s:
         f.provider(s, "orion", CommitmentLevel.committed)
-        return {"orion": f.token(s, Role.provider, "orion"), "partner": f.token(s, Role.partner_manager)}
+        return {
+            "orion": f.token(s, Role.provider, "orion"),
+            "partner": f.token(s, Role.partner_manager),
+        }
 
 
 def _agent(server, token: str, *args: str):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(cli, ["agent", "--server", server.url, "--token", token, "--once", *args])
+    return CliRunner().invoke(
+        cli, ["agent", "--server", server.url, "--token", token, "--once", *args]
+    )
 
 
 @pytest.mark.parametrize(
     ("recording", "model"), [("h100-80gb-hbm3", "H100-80GB"), ("h200-141gb", "H200-141GB")]
 )
-def test_an_agent_replaying_real_nvml_registers_the_recorded_gpu(server, tokens, recording, model) -> None:  # type: ignore[no-untyped-def]
+def test_an_agent_replaying_real_nvml_registers_the_recorded_gpu(
+    server, tokens, recording, model
+) -> None:  # type: ignore[no-untyped-def]
     snapshot = json.loads((FIXTURES / recording / "nvml_snapshot.json").read_text())
     uuid = snapshot["devices"][0]["queries"]["nvmlDeviceGetUUID"]
-    result = _agent(server, tokens["orion"], "--name", "gpu-host-1", "--replay", str(FIXTURES / recording))
+    result = _agent(
+        server, tokens["orion"], "--name", "gpu-host-1", "--replay", str(FIXTURES / recording)
+    )
     assert result.exit_code == 0, result.output
     assert f"node gpu-host-1 (orion, committed): 1 GPU(s) {model}" in result.output
     with ApiClient(server.url, tokens["partner"]) as api:

@@ -271,3 +271,13 @@ def test_the_openapi_schema_describes_the_v1_api(server) -> None:  # type: ignor
         "/v1/usage",
     } <= paths
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_a_change_is_committed_before_its_response_is_sent(server, fleet, session_of) -> None:  # type: ignore[no-untyped-def]
+    """A client that got its answer must find the change visible to everyone else (the
+    scheduler loop included): the transaction commits before the response goes out."""
+    for _ in range(30):
+        job = call(server, fleet["engineer"], "POST", "/v1/jobs", json=GOOD_JOB).json()
+        call(server, fleet["engineer"], "POST", f"/v1/jobs/{job['id']}/cancel")
+        with session_of() as s:
+            assert s.get(Job, job["id"]).status == "cancelled"  # type: ignore[union-attr]

@@ -27,7 +27,10 @@ def env(server, session_of) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def run(env: dict[str, str], *args: str, token: str | None = None):  # type: ignore[no-untyped-def]
-    e = {"ANDROMEDA_SERVER": env["ANDROMEDA_SERVER"], "ANDROMEDA_TOKEN": token or env["ANDROMEDA_TOKEN"]}
+    e = {
+        "ANDROMEDA_SERVER": env["ANDROMEDA_SERVER"],
+        "ANDROMEDA_TOKEN": token or env["ANDROMEDA_TOKEN"],
+    }
     return CliRunner().invoke(cli, list(args), env=e)
 
 
@@ -51,13 +54,18 @@ def test_submit_list_show_and_cancel_a_job(env, tmp_path: Path) -> None:  # type
     ("yaml_text", "message"),
     [
         ("name: t\nmodel: m\n", "entrypoint: Field required"),
-        ("name: t\nmodel: m\nentrypoint: x\ngpus_per_worker: 0\n", "gpus_per_worker: Input should be greater than or equal to 1"),
+        (
+            "name: t\nmodel: m\nentrypoint: x\ngpus_per_worker: 0\n",
+            "gpus_per_worker: Input should be greater than or equal to 1",
+        ),
         ("name: t\nmodel: m\nentrypoint: x\npriority: asap\n", "priority: Input should be"),
         ("- just\n- a list\n", "expected a mapping"),
         ("name: [unclosed\n", "cannot read YAML"),
     ],
 )
-def test_submit_rejects_a_bad_spec_before_sending_it_and_says_why(env, tmp_path: Path, yaml_text, message) -> None:  # type: ignore[no-untyped-def]
+def test_submit_rejects_a_bad_spec_before_sending_it_and_says_why(
+    env, tmp_path: Path, yaml_text, message
+) -> None:  # type: ignore[no-untyped-def]
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml_text)
     out = run(env, "submit", str(spec))
@@ -101,6 +109,8 @@ def test_nodes_and_node_drain(env) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_an_unreachable_server_gives_one_readable_line(tmp_path: Path) -> None:
-    out = CliRunner().invoke(cli, ["jobs"], env={"ANDROMEDA_SERVER": "http://127.0.0.1:9", "ANDROMEDA_TOKEN": "x"})
+    out = CliRunner().invoke(
+        cli, ["jobs"], env={"ANDROMEDA_SERVER": "http://127.0.0.1:9", "ANDROMEDA_TOKEN": "x"}
+    )
     assert out.exit_code == 1
     assert "cannot reach http://127.0.0.1:9" in out.output and "andromeda server" in out.output

@@ -10,9 +10,9 @@ from sqlmodel import col, func, select
 from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, UsageInterval
 from scheduler.domain.enums import CommitmentLevel, EndReason, JobStatus
 from scheduler.errors import Conflict
+from scheduler.policy.types import WorkerPlacement
 from scheduler.services.transitions import (
     PlacementRecord,
-    WorkerGpus,
     gpu_seconds,
     transition_job,
 )
@@ -32,7 +32,7 @@ def _gpus(session, node) -> list[int]:  # type: ignore[no-untyped-def]
 def _place(session, job, prov, node, gpu_ids, at):  # type: ignore[no-untyped-def]
     per = job.gpus_per_worker
     workers = tuple(
-        WorkerGpus(rank=r, node_id=node.id, gpu_ids=tuple(gpu_ids[r * per : (r + 1) * per]))
+        WorkerPlacement(rank=r, node_id=node.id, gpu_ids=tuple(gpu_ids[r * per : (r + 1) * per]))
         for r in range(job.num_workers)
     )
     return transition_job(

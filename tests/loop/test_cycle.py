@@ -256,3 +256,60 @@ def test_a_node_whose_ray_worker_has_not_joined_takes_no_work(
     job_id = _job(session_of, clock, gpus_per_worker=2)
     scheduler.run_cycle()
     assert _nodes_of(backend, job_id) == {"nebula-1"}
+
+
+def test_workers_that_die_with_their_node_are_requeued_not_failed(
+    sched, fleet, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    scheduler, backend = sched
+    job_id = _job(session_of, clock)
+    scheduler.run_cycle()
+    first = next(iter(backend.launches))
+    backend.lose(first)
+    report = scheduler.run_cycle()
+    assert report.requeued[job_id] == EndReason.node_lost
+    assert report.started == [job_id]  # placed again at once, elsewhere or not
+    with session_of() as s:
+        ended = s.exec(select(Allocation).where(Allocation.id == first)).one()
+        assert ended.end_reason == EndReason.node_lost and "node died" in (ended.error or "")
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_three_attempts(
+    sched, fleet, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    scheduler, backend = sched
+    job_id = _job(session_of, clock)
+    scheduler.run_cycle()
+    for _ in range(3):
+        latest = max(backend.launches)
+        backend.lose(latest)
+        scheduler.run_cycle()
+    job = _status(session_of, job_id)
+    assert job.status == JobStatus.failed and job.attempts == 3
+    assert "gave up after 3 attempts" in (job.error or "")
+
+
+def test_a_draining_node_that_goes_silent_stays_draining_and_its_job_is_requeued(
+    sched, fleet, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    scheduler, backend = sched
+    job_id = _job(session_of, clock, gpus_per_worker=2, gpu_model="H200")
+    scheduler.run_cycle()
+    assert _nodes_of(backend, job_id) == {"nebula-1"}
+    with session_of() as s:
+        node = s.exec(select(Node).where(Node.name == "nebula-1")).one()
+        node.status = NodeStatus.draining
+        s.add(node)
+    clock.advance(40)
+    with session_of() as s:
+        for n in s.exec(select(Node).where(Node.name != "nebula-1")):
+            n.last_heartbeat_at = clock.now
+            s.add(n)
+    report = scheduler.run_cycle()
+    assert report.requeued[job_id] == EndReason.node_lost
+    assert report.lost_nodes == []
+    with session_of() as s:
+        assert (
+            s.exec(select(Node).where(Node.name == "nebula-1")).one().status == NodeStatus.draining
+        )
+    assert "H200" in (_status(session_of, job_id).pending_reason or "")
