@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,13 @@ class Agent:
             # Simulated GPUs look busy exactly while the control plane has them allocated.
             self.reader.set_busy({g.uuid for g in node.gpus if g.busy})
 
+    @staticmethod
+    def _try(step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed; retrying next interval", getattr(step, "__name__", step))
+
     def interval(self) -> float:
         if self.options.heartbeat_interval_s is not None:
             return self.options.heartbeat_interval_s
@@ -143,8 +151,12 @@ class Agent:
                     log.warning("heartbeat failed, server unreachable: %s", exc)
                 except ApiError as exc:
                     log.error("heartbeat refused: %s", exc)
-                    if exc.status_code == 404:
-                        self.register()
+                    if exc.status_code == 404:  # the control plane forgot us: register again
+                        self._try(self.register)
+                except Exception:
+                    # A bad reading must not take the node (and its Ray worker, and the jobs
+                    # running on it) down: report it and try again next interval.
+                    log.exception("heartbeat failed")
                 self.stop_event.wait(self.interval())
         finally:
             if self.ray is not None:

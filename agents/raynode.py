@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from scheduler.processes import stop_group
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class RayNode:
         self._started.clear()
         cmd = self.command()
         log.info("starting Ray worker: %s", " ".join(cmd))
+        # (Ray's raylet-subreaper option would also reap orphans, but it makes workers
+        # ignore SIGCHLD, and then every entrypoint's exit code reads as 0.)
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
         self._proc = subprocess.Popen(
             cmd,
@@ -130,15 +133,10 @@ class RayNode:
         return self._proc is not None and self._proc.poll() is None and self._started.is_set()
 
     def stop(self, grace_s: float = 15.0) -> None:
+        """Stop ``ray start`` and every process of its group (raylet, workers), even when
+        ``ray start`` itself has already exited and left them behind."""
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
-        log.info("Ray worker stopped")
+        stop_group(proc, grace_s)
+        log.info("Ray node stopped")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from scheduler.domain.enums import (
     CommitmentLevel,
@@ -17,9 +17,10 @@ from scheduler.domain.enums import (
     Role,
 )
 from scheduler.domain.jobspec import NAME_RE
+from scheduler.domain.limits import INT32_MAX, INT64_MAX, CleanText
 
 
-class _In(BaseModel):
+class _In(CleanText):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -37,11 +38,11 @@ class ProviderPublic(BaseModel):
 
 class AgreementCreate(_In):
     level: CommitmentLevel
-    committed_gpus: int | None = Field(default=None, ge=0)
-    committed_gpu_hours_per_month: int | None = Field(default=None, ge=0)
+    committed_gpus: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    committed_gpu_hours_per_month: int | None = Field(default=None, ge=0, le=INT32_MAX)
     notice_days: int = Field(default=0, ge=0, le=3650)
-    starts_at: datetime | None = None
-    ends_at: datetime | None = None
+    starts_at: AwareDatetime | None = Field(default=None, description="default: now")
+    ends_at: AwareDatetime | None = None
 
 
 class AgreementPublic(BaseModel):
@@ -81,7 +82,7 @@ class GpuReport(_In):
     uuid: str = Field(min_length=4, max_length=96)
     index: int = Field(ge=0, le=255)
     name: str = Field(min_length=1, max_length=128)
-    memory_total_bytes: int = Field(gt=0)
+    memory_total_bytes: int = Field(gt=0, le=INT64_MAX)
 
 
 class NodeRegister(_In):
@@ -90,8 +91,8 @@ class NodeRegister(_In):
     level: CommitmentLevel | None = Field(
         default=None, description="commitment level; may be omitted if the provider has one"
     )
-    cpu_count: int = Field(default=0, ge=0)
-    memory_bytes: int = Field(default=0, ge=0)
+    cpu_count: int = Field(default=0, ge=0, le=INT32_MAX)
+    memory_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
     driver_version: str | None = Field(default=None, max_length=64)
     gpus: list[GpuReport] = Field(min_length=1, max_length=64)
 
@@ -101,10 +102,10 @@ class GpuSampleIn(_In):
     health: GpuHealth = GpuHealth.unknown
     health_reasons: list[str] = Field(default_factory=list, max_length=20)
     utilization_pct: int | None = Field(default=None, ge=0, le=100)
-    memory_used_bytes: int | None = Field(default=None, ge=0)
+    memory_used_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
     temperature_c: int | None = Field(default=None, ge=-50, le=200)
-    power_mw: int | None = Field(default=None, ge=0)
-    energy_mj: int | None = Field(default=None, ge=0)
+    power_mw: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    energy_mj: int | None = Field(default=None, ge=0, le=INT64_MAX)
 
 
 class Heartbeat(_In):

@@ -60,8 +60,11 @@ class ExecutionBackend(Protocol):
 
     def poll(self, allocation_id: int) -> AllocationState: ...
 
-    def stop(self, allocation_id: int) -> None:
-        """Stop the workers and free the reservation; no error if already gone."""
+    def stop(self, allocation_id: int) -> dict[int, str]:
+        """Stop the workers and free the reservation; no error if already gone.
+
+        Returns rank -> the tail of that worker's output, collected just before the stop
+        (empty when the backend had nothing running for the allocation)."""
 
     def logs(self, allocation_id: int) -> dict[int, str]:
         """Rank -> the tail of that worker's output; empty when unknown."""

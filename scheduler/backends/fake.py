@@ -28,10 +28,13 @@ class FakeBackend:
     def poll(self, allocation_id: int) -> AllocationState:
         return self.states.get(allocation_id, AllocationState(Phase.unknown))
 
-    def stop(self, allocation_id: int) -> None:
-        if allocation_id in self.states:
-            self.stopped.append(allocation_id)
+    def stop(self, allocation_id: int) -> dict[int, str]:
+        if allocation_id not in self.states:
+            return {}
+        logs = self.logs(allocation_id)
+        self.stopped.append(allocation_id)
         self.states.pop(allocation_id, None)
+        return logs
 
     def logs(self, allocation_id: int) -> dict[int, str]:
         launch = self.launches.get(allocation_id)

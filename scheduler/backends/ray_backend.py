@@ -17,6 +17,7 @@ This is the only module that imports ``ray``; it does so lazily in ``RayBackend.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from typing import Any
 
 from scheduler.backends.base import AllocationState, BackendError, Launch, Phase
 from scheduler.domain.labels import NODE_LABEL
+from scheduler.processes import stop_group
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class _WorkerImpl:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"alloc-{allocation_id}-rank-{rank}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # run() and terminate() are served concurrently
+        self._stopping = False
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -68,16 +72,21 @@ class _WorkerImpl:
         full_env["ANDROMEDA_NODE"] = str(labels.get(NODE_LABEL, ""))
         # "python" in an entrypoint means the interpreter this node runs Ray with.
         full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                ["bash", "-c", command],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=full_env,
-                cwd=cwd or None,
-                start_new_session=True,
-            )
-            return self.proc.wait()
+        with self._lock:
+            if self._stopping:  # terminate() came first: never start
+                return -signal.SIGTERM
+            with open(self.log_path, "wb") as out:
+                # Its own process group, so terminate() reaches every process it starts.
+                self.proc = subprocess.Popen(
+                    ["bash", "-c", command],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=full_env,
+                    cwd=cwd or None,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+        return self.proc.wait()
 
     def tail(self, max_bytes: int) -> str:
         try:
@@ -90,14 +99,14 @@ class _WorkerImpl:
             return ""
 
     def terminate(self, grace_s: float) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        """SIGTERM the entrypoint's whole process group, SIGKILL what is left after
+        ``grace_s``. Signals the group even when its leader has already exited, so that
+        background children do not outlive the allocation."""
+        with self._lock:
+            self._stopping = True
+            proc = self.proc
+        if proc is not None:
+            stop_group(proc, grace_s)
 
 
 @dataclass
@@ -151,6 +160,9 @@ class RayBackend:
 
         bundles = [{"CPU": 1.0, "GPU": float(len(w.gpu_uuids))} for w in launch.workers]
         selectors = [{NODE_LABEL: w.node_name} for w in launch.workers]
+        from ray.util.placement_group import remove_placement_group
+
+        pg = None
         try:
             pg = placement_group(
                 bundles,
@@ -158,12 +170,14 @@ class RayBackend:
                 name=f"andromeda-alloc-{launch.allocation_id}",
                 bundle_label_selector=selectors,
             )
+            ready_ref = pg.ready()
         except Exception as exc:
+            if pg is not None:
+                with contextlib.suppress(Exception):
+                    remove_placement_group(pg)
             raise BackendError(f"placement group rejected: {exc}") from exc
         with self._lock:
-            self._handles[launch.allocation_id] = _Handle(
-                launch=launch, pg=pg, ready_ref=pg.ready()
-            )
+            self._handles[launch.allocation_id] = _Handle(launch=launch, pg=pg, ready_ref=ready_ref)
         log.info(
             "allocation %s: placement group for %s on %s",
             launch.allocation_id,
@@ -178,23 +192,26 @@ class RayBackend:
                 return AllocationState(Phase.unknown)
             try:
                 self._advance(handle)
-            except self._ray.exceptions.RayActorError as exc:  # a worker or its node died
+            except (self._ray.exceptions.RayActorError, _NotPlaced) as exc:
+                # a worker died with its node or process, or the nodes never had room:
+                # not the job's fault, so the loop requeues it (counted as an attempt)
                 handle.phase = "lost"
                 handle.error = handle.error or _describe(exc)
-            except Exception as exc:  # Ray refused, or the group could not be placed
+            except Exception as exc:  # the entrypoint could not run (bad working_dir, ...)
                 handle.phase = "failed"
                 handle.error = handle.error or _describe(exc)
             if handle.phase in ("succeeded", "failed", "lost"):
                 return AllocationState(Phase(handle.phase), handle.error)
             return AllocationState(Phase.running if handle.phase == "running" else Phase.starting)
 
-    def stop(self, allocation_id: int) -> None:
+    def stop(self, allocation_id: int) -> dict[int, str]:
         with self._lock:
             handle = self._handles.pop(allocation_id, None)
         if handle is None:
-            return
-        self._remember_logs(allocation_id, handle)
+            return {}
+        logs = self._remember_logs(allocation_id, handle)
         self._teardown(handle)
+        return logs
 
     def logs(self, allocation_id: int) -> dict[int, str]:
         with self._lock:
@@ -220,7 +237,7 @@ class RayBackend:
             ready, _ = ray.wait([h.ready_ref], timeout=0)
             if not ready:
                 if time.monotonic() - h.started > self._reserve_timeout_s:
-                    raise BackendError(
+                    raise _NotPlaced(
                         f"placement group not placed within {self._reserve_timeout_s:.0f}s "
                         "(are the nodes' Ray workers up with their labels?)"
                     )
@@ -284,12 +301,15 @@ class RayBackend:
                 out[rank] = f"<logs unavailable: {_describe(exc)}>"
         return out
 
-    def _remember_logs(self, allocation_id: int, h: _Handle) -> None:
-        if h.actors:
-            self._finished_logs[allocation_id] = self._collect_logs(h)
-            if len(self._finished_order) == self._finished_order.maxlen:
-                self._finished_logs.pop(self._finished_order[0], None)
-            self._finished_order.append(allocation_id)
+    def _remember_logs(self, allocation_id: int, h: _Handle) -> dict[int, str]:
+        if not h.actors:
+            return {}
+        logs = self._collect_logs(h)
+        self._finished_logs[allocation_id] = logs
+        if len(self._finished_order) == self._finished_order.maxlen:
+            self._finished_logs.pop(self._finished_order[0], None)
+        self._finished_order.append(allocation_id)
+        return logs
 
     def _teardown(self, h: _Handle) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -308,6 +328,20 @@ class RayBackend:
         except Exception:
             log.debug("placement group already gone", exc_info=True)
         log.info("allocation %s: workers stopped, group removed", h.launch.allocation_id)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed if the worker actor dies (OOM, node failure),
+    so an entrypoint never keeps running, and holding its GPUs, for a gang already ended."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+class _NotPlaced(Exception):
+    """The placement group was not placed in time: the capacity is not really there."""
 
 
 def _gcs_address(ray: Any) -> str:

@@ -132,7 +132,9 @@ class Allocation(SQLModel, table=True):
 
 
 class AllocationGpu(SQLModel, table=True):
-    """Which GPU of which node serves which worker rank of an allocation."""
+    """Which GPU of which node serves which worker rank of an allocation, and the terms it
+    serves under: the node's agreement and the GPU's model are fixed when the allocation
+    opens, so a later re-registration (new agreement, other level) never re-prices it."""
 
     __tablename__ = "allocation_gpu"
     __table_args__ = (UniqueConstraint("allocation_id", "gpu_id"),)
@@ -142,6 +144,8 @@ class AllocationGpu(SQLModel, table=True):
     rank: int = Field(ge=0)
     node_id: int = Field(foreign_key="node.id", index=True)
     gpu_id: int = Field(foreign_key="gpu.id", index=True)
+    agreement_id: int = Field(foreign_key="agreement.id")
+    gpu_model: str = Field(max_length=64)
 
 
 class UsageInterval(SQLModel, table=True):

@@ -18,6 +18,13 @@ def canonical_model(nvml_name: str, memory_bytes: int | None = None) -> str:
     ``canonical_model("NVIDIA H100 80GB HBM3")`` -> ``"H100-80GB"``;
     ``canonical_model("NVIDIA H200", 150_754_820_096)`` -> ``"H200-141GB"``.
     """
+    return _canonical(nvml_name, memory_bytes)[:MAX_MODEL_LEN]
+
+
+MAX_MODEL_LEN = 64  # the width of the model columns
+
+
+def _canonical(nvml_name: str, memory_bytes: int | None) -> str:
     name = nvml_name.upper().replace("NVIDIA", " ").replace("TESLA", " ")
     match = _FAMILY.search(name)
     family = match.group(1) if match else re.sub(r"[^A-Z0-9]+", "-", name).strip("-")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from scheduler.domain.enums import PriorityClass
+from scheduler.domain.limits import CleanText
 
 NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
@@ -31,7 +32,7 @@ def parse_duration(value: int | str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-class GpuConstraint(BaseModel):
+class GpuConstraint(CleanText):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
@@ -40,7 +41,7 @@ class GpuConstraint(BaseModel):
     min_memory_gb: int | None = Field(default=None, ge=1, le=4096)
 
 
-class JobSpec(BaseModel):
+class JobSpec(CleanText):
     """A gang: ``workers`` x ``gpus_per_worker`` GPUs, all in one provider."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

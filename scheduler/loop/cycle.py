@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from scheduler.backends.base import BackendError, ExecutionBackend, Launch, Phase, WorkerLaunch
 from scheduler.db.engine import session_scope
@@ -35,7 +35,7 @@ from scheduler.db.types import utcnow
 from scheduler.domain.enums import EndReason, JobStatus
 from scheduler.errors import Conflict
 from scheduler.loop import snapshot
-from scheduler.policy import Decision, Placement, schedule
+from scheduler.policy import Decision, Placement, RunningAllocation, schedule
 from scheduler.services.jobs import save_logs
 from scheduler.services.nodes import mark_lost_nodes, stale_node_ids
 from scheduler.services.transitions import PlacementRecord, transition_job
@@ -43,7 +43,8 @@ from scheduler.services.transitions import PlacementRecord, transition_job
 log = logging.getLogger(__name__)
 
 PolicyFn = Callable[..., Decision]
-MAX_ATTEMPTS = 3  # a job whose workers keep dying with their node is failed after this many
+MAX_ATTEMPTS = 3  # a job whose workers failed to start or were lost this often is failed
+RETRIED = (EndReason.failed, EndReason.node_lost)  # requeue reasons that count as attempts
 
 
 @dataclass
@@ -56,6 +57,7 @@ class CycleReport:
     preempted: list[int] = field(default_factory=list)
     started: list[int] = field(default_factory=list)
     pending: dict[int, str] = field(default_factory=dict)
+    errors: int = 0  # items skipped because their step raised (logged with a traceback)
 
 
 class Scheduler:
@@ -88,24 +90,25 @@ class Scheduler:
         with session_scope(self.engine) as session:
             lost = mark_lost_nodes(session, now=now, lost_after_s=self.node_lost_after_s)
             report.lost_nodes = [n.name for n in lost]
-            lost_ids = stale_node_ids(session, now=now, lost_after_s=self.node_lost_after_s)
+            stale = stale_node_ids(session, now=now, lost_after_s=self.node_lost_after_s)
             victims = session.exec(
-                select(Allocation.job_id)
+                select(Allocation.id, Allocation.job_id)
                 .join(AllocationGpu, col(AllocationGpu.allocation_id) == col(Allocation.id))
-                .where(col(Allocation.ended_at).is_(None), col(AllocationGpu.node_id).in_(lost_ids))
+                .where(col(Allocation.ended_at).is_(None), col(AllocationGpu.node_id).in_(stale))
                 .distinct()
             ).all()
-            for job_id in victims:
-                transition_job(
-                    session,
-                    job_id=job_id,
-                    to=JobStatus.pending,
-                    now=now,
-                    expect=(JobStatus.running,),
-                    end_reason=EndReason.node_lost,
-                    pending_reason="requeued: a node of its gang stopped heartbeating",
-                )
-                report.requeued[job_id] = EndReason.node_lost
+        for alloc_id, job_id in victims:
+            assert alloc_id is not None
+            error = "a node of its gang stopped heartbeating"
+            self._guarded(
+                self._end,
+                alloc_id,
+                job_id,
+                JobStatus.pending,
+                EndReason.node_lost,
+                error,
+                report=report,
+            )
 
     # 2. observe -------------------------------------------------------------------------------
     def _observe(self, report: CycleReport) -> None:
@@ -117,41 +120,64 @@ class Scheduler:
             ).all()
         for alloc, job in open_allocs:
             assert alloc.id is not None and job.id is not None
-            state = self.backend.poll(alloc.id)
-            now = self.clock()
-            if state.phase is Phase.succeeded:
-                self._end(alloc.id, job.id, JobStatus.completed, EndReason.completed, None)
-                report.finished[job.id] = JobStatus.completed
-            elif state.phase is Phase.failed:
-                self._end(alloc.id, job.id, JobStatus.failed, EndReason.failed, state.error)
-                report.finished[job.id] = JobStatus.failed
-            elif state.phase is Phase.lost and job.attempts >= MAX_ATTEMPTS:
-                error = f"{state.error} (gave up after {job.attempts} attempts)"
-                self._end(alloc.id, job.id, JobStatus.failed, EndReason.node_lost, error)
-                report.finished[job.id] = JobStatus.failed
-            elif state.phase is Phase.lost:
-                self._end(alloc.id, job.id, JobStatus.pending, EndReason.node_lost, state.error)
-                report.requeued[job.id] = EndReason.node_lost
-            elif state.phase is Phase.unknown:
-                error = "the backend lost track of its workers (control-plane restart?)"
-                self._end(alloc.id, job.id, JobStatus.pending, EndReason.failed, error)
-                report.requeued[job.id] = EndReason.failed
-            elif job.max_runtime_s and now - alloc.started_at > timedelta(
-                seconds=job.max_runtime_s
-            ):
-                error = f"stopped after its max_runtime of {job.max_runtime_s}s"
-                self._end(alloc.id, job.id, JobStatus.failed, EndReason.timeout, error)
-                report.finished[job.id] = JobStatus.failed
+            # one allocation that cannot be handled must never stall the others
+            self._guarded(self._observe_one, alloc, job, report=report)
+
+    def _observe_one(self, alloc: Allocation, job: Job, *, report: CycleReport) -> None:
+        assert alloc.id is not None and job.id is not None
+        state = self.backend.poll(alloc.id)
+        if state.phase is Phase.succeeded:
+            self._end(
+                alloc.id, job.id, JobStatus.completed, EndReason.completed, None, report=report
+            )
+        elif state.phase is Phase.failed:
+            self._end(
+                alloc.id, job.id, JobStatus.failed, EndReason.failed, state.error, report=report
+            )
+        elif state.phase is Phase.lost:
+            self._end(
+                alloc.id, job.id, JobStatus.pending, EndReason.node_lost, state.error, report=report
+            )
+        elif state.phase is Phase.unknown:
+            error = "the backend lost track of its workers (control-plane restart?)"
+            self._end(alloc.id, job.id, JobStatus.pending, EndReason.failed, error, report=report)
+        elif job.max_runtime_s and self.clock() - alloc.started_at > timedelta(
+            seconds=job.max_runtime_s
+        ):
+            error = f"stopped after its max_runtime of {job.max_runtime_s}s"
+            self._end(alloc.id, job.id, JobStatus.failed, EndReason.timeout, error, report=report)
 
     def _end(
-        self, alloc_id: int, job_id: int, to: JobStatus, reason: EndReason, error: str | None
+        self,
+        alloc_id: int,
+        job_id: int,
+        to: JobStatus,
+        reason: EndReason,
+        error: str | None,
+        *,
+        report: CycleReport,
+        pending_reason: str | None = None,
     ) -> None:
-        """Stop the workers (keeping their output), then record the end: finished, or back
-        to the queue when ``to`` is pending."""
-        logs = self._stop(alloc_id)
+        """Stop the workers (keeping their output), then record the end in one transaction:
+        finished, or back to the queue when ``to`` is pending. A job requeued because its
+        workers failed or were lost is failed instead once that has happened
+        ``MAX_ATTEMPTS`` times, so a job that cannot run never loops forever."""
+        logs = self.backend.stop(alloc_id)
         now = self.clock()
         with session_scope(self.engine) as session:
             save_logs(session, allocation_id=alloc_id, logs=logs, now=now)
+            if to is JobStatus.pending and reason in RETRIED:
+                failures = (
+                    1
+                    + session.exec(
+                        select(func.count(col(Allocation.id))).where(
+                            Allocation.job_id == job_id, col(Allocation.end_reason).in_(RETRIED)
+                        )
+                    ).one()
+                )
+                if failures >= MAX_ATTEMPTS:
+                    to = JobStatus.failed
+                    error = f"{error} (gave up after {failures} failed attempts)"
             try:
                 transition_job(
                     session,
@@ -161,19 +187,28 @@ class Scheduler:
                     expect=(JobStatus.running,),
                     end_reason=reason,
                     error=error,
+                    pending_reason=pending_reason,
                 )
-            except Conflict as exc:  # cancelled through the API meanwhile: that decision stands
+            except Conflict as exc:  # ended through the API meanwhile: that decision stands
                 log.info("job %s: %s", job_id, exc)
+                return
+        if to is JobStatus.pending:
+            report.requeued[job_id] = reason
+        else:
+            report.finished[job_id] = to
 
-    def _stop(self, alloc_id: int) -> dict[int, str]:
-        """Stop an allocation's workers; returns each rank's last output, which the caller
-        saves in the transaction that records why they stopped."""
-        logs = self.backend.logs(alloc_id)
-        self.backend.stop(alloc_id)
-        return logs
+    def _guarded(self, step: Callable[..., None], *args: object, report: CycleReport) -> None:
+        """Run one item's step; log and skip it on error, so that one bad item (a job the
+        database refuses, a backend error) never blocks the rest of the cycle."""
+        try:
+            step(*args, report=report)
+        except Exception:
+            log.exception("scheduler: %s%r failed; skipped this cycle", step.__name__, args)
+            report.errors += 1
 
     # 3. reconcile -------------------------------------------------------------------------
     def _reconcile(self) -> None:
+        """Stop what the backend still runs for allocations the database has closed."""
         active = self.backend.active()
         if not active:
             return
@@ -185,7 +220,7 @@ class Scheduler:
             ).all()
         for alloc_id in closed:
             assert alloc_id is not None
-            logs = self._stop(alloc_id)
+            logs = self.backend.stop(alloc_id)
             with session_scope(self.engine) as session:
                 save_logs(session, allocation_id=alloc_id, logs=logs, now=self.clock())
 
@@ -196,28 +231,16 @@ class Scheduler:
             queue = snapshot.queue(session)
             if not queue:
                 return
-            nodes = snapshot.capacity(session, now=now, lost_after_s=self.node_lost_after_s)
+            nodes = snapshot.capacity(
+                session,
+                now=now,
+                lost_after_s=self.node_lost_after_s,
+                still_running=self.backend.active(),
+            )
             running = snapshot.running(session)
         decision = self.policy(queue, nodes, running, now_s=int(now.timestamp()))
-        victims_by_alloc = {r.allocation_id: r.job_id for r in running}
         for placement in decision.placements:
-            for alloc_id in placement.preempts:
-                job_id = victims_by_alloc[alloc_id]
-                logs = self._stop(alloc_id)
-                with session_scope(self.engine) as session:
-                    save_logs(session, allocation_id=alloc_id, logs=logs, now=self.clock())
-                    transition_job(
-                        session,
-                        job_id=job_id,
-                        to=JobStatus.pending,
-                        now=self.clock(),
-                        expect=(JobStatus.running,),
-                        end_reason=EndReason.preempted,
-                        pending_reason=f"requeued: preempted by job {placement.job_id}",
-                    )
-                report.preempted.append(job_id)
-                report.requeued[job_id] = EndReason.preempted
-            self._start(placement, report)
+            self._guarded(self._preempt_and_start, placement, running, report=report)
         if decision.pending:
             with session_scope(self.engine) as session:
                 for job_id, reason in decision.pending.items():
@@ -227,27 +250,48 @@ class Scheduler:
                         session.add(job)
         report.pending = dict(decision.pending)
 
-    def _start(self, placement: Placement, report: CycleReport) -> None:
-        record = PlacementRecord(provider_id=placement.provider_id, workers=placement.workers)
-        with session_scope(self.engine) as session:
-            job = transition_job(
-                session,
-                job_id=placement.job_id,
-                to=JobStatus.running,
-                now=self.clock(),
-                expect=(JobStatus.pending,),
-                placement=record,
+    def _preempt_and_start(
+        self, placement: Placement, running: list[RunningAllocation], *, report: CycleReport
+    ) -> None:
+        victims = {r.allocation_id: r.job_id for r in running}
+        for alloc_id in placement.preempts:
+            self._end(
+                alloc_id,
+                victims[alloc_id],
+                JobStatus.pending,
+                EndReason.preempted,
+                None,
+                report=report,
+                pending_reason=f"requeued: preempted by job {placement.job_id}",
             )
-            launch = _launch_for(session, job, placement)
+            report.preempted.append(victims[alloc_id])
+        record = PlacementRecord(provider_id=placement.provider_id, workers=placement.workers)
+        try:
+            with session_scope(self.engine) as session:
+                job = transition_job(
+                    session,
+                    job_id=placement.job_id,
+                    to=JobStatus.running,
+                    now=self.clock(),
+                    expect=(JobStatus.pending,),
+                    placement=record,
+                )
+                launch = _launch_for(session, job, placement)
+        except Conflict as exc:  # cancelled since the snapshot; its GPUs simply stay free
+            log.info("job %s not started: %s", placement.job_id, exc)
+            return
         try:
             self.backend.start(launch)
         except BackendError as exc:
-            log.warning("job %s: backend refused the start: %s", job.id, exc)
-            error = f"start failed: {exc}"
+            log.warning("job %s: backend refused the start: %s", placement.job_id, exc)
             self._end(
-                launch.allocation_id, placement.job_id, JobStatus.pending, EndReason.failed, error
+                launch.allocation_id,
+                placement.job_id,
+                JobStatus.pending,
+                EndReason.failed,
+                f"start failed: {exc}",
+                report=report,
             )
-            report.requeued[placement.job_id] = EndReason.failed
             return
         report.started.append(placement.job_id)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import datetime, timedelta
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Job, Node
@@ -36,8 +37,18 @@ def queue(session: Session) -> list[JobRequest]:
     ]
 
 
-def capacity(session: Session, *, now: datetime, lost_after_s: int) -> list[NodeView]:
-    """Ready nodes whose Ray worker joined and whose heartbeat is fresh, with free GPUs."""
+def capacity(
+    session: Session,
+    *,
+    now: datetime,
+    lost_after_s: int,
+    still_running: set[int] | frozenset[int] = frozenset(),
+) -> list[NodeView]:
+    """Ready nodes whose Ray worker joined and whose heartbeat is fresh, with free GPUs.
+
+    A GPU is free when no open allocation holds it and no allocation in ``still_running``
+    (closed in the database but not yet stopped by the backend, e.g. cancelled a moment
+    ago) does: the same GPU is never handed to two running gangs."""
     fresh = now - timedelta(seconds=lost_after_s)
     rows = session.exec(
         select(Node, Agreement)
@@ -55,7 +66,12 @@ def capacity(session: Session, *, now: datetime, lost_after_s: int) -> list[Node
         session.exec(
             select(AllocationGpu.gpu_id)
             .join(Allocation, col(Allocation.id) == col(AllocationGpu.allocation_id))
-            .where(col(Allocation.ended_at).is_(None))
+            .where(
+                or_(
+                    col(Allocation.ended_at).is_(None),
+                    col(Allocation.id).in_(sorted(still_running)),
+                )
+            )
         )
     )
     gpus: dict[int, list[Gpu]] = defaultdict(list)

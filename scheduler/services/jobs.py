@@ -175,7 +175,8 @@ def save_logs(session: Session, *, allocation_id: int, logs: dict[int, str], now
     }
     for rank, text in logs.items():
         row = existing.get(rank) or JobLog(allocation_id=allocation_id, rank=rank, text="")
-        row.text = text
+        # PostgreSQL text cannot hold NUL; a program's raw output may contain it.
+        row.text = text.replace("\x00", "\ufffd")
         row.captured_at = now
         session.add(row)
 

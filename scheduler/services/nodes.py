@@ -93,7 +93,7 @@ def heartbeat(session: Session, *, node: Node, body: Heartbeat, now: datetime) -
     for sample in body.gpus:
         gpu = gpus[sample.uuid]
         gpu.health = sample.health
-        gpu.health_reasons = "; ".join(sample.health_reasons) or None
+        gpu.health_reasons = "; ".join(sample.health_reasons)[:1000] or None
         gpu.utilization_pct = sample.utilization_pct
         gpu.memory_used_bytes = sample.memory_used_bytes
         gpu.temperature_c = sample.temperature_c

@@ -169,7 +169,12 @@ def _open_allocation(session: Session, job: Job, placement: PlacementRecord, now
         for gid in worker.gpu_ids:
             session.add(
                 AllocationGpu(
-                    allocation_id=alloc.id, rank=worker.rank, node_id=worker.node_id, gpu_id=gid
+                    allocation_id=alloc.id,
+                    rank=worker.rank,
+                    node_id=worker.node_id,
+                    gpu_id=gid,
+                    agreement_id=nodes[worker.node_id].agreement_id,
+                    gpu_model=by_id[gid].model,
                 )
             )
 
@@ -187,27 +192,27 @@ def _close_allocation(
     alloc.end_reason = reason
     alloc.error = error
     session.add(alloc)
+    # Terms come from the allocation (fixed when it opened), not from the node as it is now.
     rows = session.exec(
-        select(AllocationGpu, Gpu, Node, Agreement)
+        select(AllocationGpu, Gpu, Agreement)
         .join(Gpu, col(Gpu.id) == col(AllocationGpu.gpu_id))
-        .join(Node, col(Node.id) == col(AllocationGpu.node_id))
-        .join(Agreement, col(Agreement.id) == col(Node.agreement_id))
+        .join(Agreement, col(Agreement.id) == col(AllocationGpu.agreement_id))
         .where(AllocationGpu.allocation_id == alloc.id)
     ).all()
     start_s = int(alloc.started_at.timestamp() // 1)
-    for _ag, gpu, node, agreement in rows:
-        assert gpu.id is not None and node.id is not None and agreement.id is not None
+    for ag, gpu, agreement in rows:
+        assert gpu.id is not None and agreement.id is not None
         session.add(
             UsageInterval(
                 key=f"{alloc.id}:{gpu.uuid}:{start_s}",
                 allocation_id=alloc.id,
                 job_id=job.id,
-                provider_id=node.provider_id,
+                provider_id=agreement.provider_id,
                 agreement_id=agreement.id,
-                node_id=node.id,
+                node_id=ag.node_id,
                 gpu_id=gpu.id,
                 gpu_uuid=gpu.uuid,
-                gpu_model=gpu.model,
+                gpu_model=ag.gpu_model,
                 level=agreement.level,
                 started_at=alloc.started_at,
                 ended_at=end,

@@ -281,3 +281,68 @@ def test_a_change_is_committed_before_its_response_is_sent(server, fleet, sessio
         call(server, fleet["engineer"], "POST", f"/v1/jobs/{job['id']}/cancel")
         with session_of() as s:
             assert s.get(Job, job["id"]).status == "cancelled"  # type: ignore[union-attr]
+
+
+def _gpu(name: str = "NVIDIA H100 80GB HBM3", uuid: str = "GPU-n-0") -> dict[str, Any]:
+    return {"uuid": uuid, "index": 0, "name": name, "memory_total_bytes": 85_520_809_984}
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "body", "field"),
+    [
+        (
+            "admin",
+            "POST",
+            "/v1/providers/orion/agreements",
+            {"level": "spot", "starts_at": "2026-01-01T00:00:00"},
+            "starts_at",
+        ),
+        (
+            "admin",
+            "POST",
+            "/v1/providers/orion/agreements",
+            {"level": "spot", "committed_gpus": 2**40},
+            "committed_gpus",
+        ),
+        (
+            "orion",
+            "POST",
+            "/v1/nodes/register",
+            {"name": "n2", "cpu_count": 2**40, "gpus": [_gpu(uuid="GPU-n2-0")]},
+            "cpu_count",
+        ),
+        (
+            "orion",
+            "POST",
+            "/v1/nodes/register",
+            {"name": "n3", "memory_bytes": 2**64, "gpus": [_gpu(uuid="GPU-n3-0")]},
+            "memory_bytes",
+        ),
+        (
+            "orion",
+            "POST",
+            "/v1/nodes/orion-1/heartbeat",
+            {"gpus": [{"uuid": "GPU-orion-1-0", "energy_mj": 2**64}]},
+            "gpus.0.energy_mj",
+        ),
+        ("engineer", "POST", "/v1/jobs", {**GOOD_JOB, "entrypoint": "python\u0000x"}, "entrypoint"),
+        ("engineer", "POST", "/v1/jobs", {**GOOD_JOB, "env": {"A": "x\u0000"}}, "env"),
+        ("partner", "GET", "/v1/usage?end=0001-01-01T00:00:00Z", None, "end"),
+        ("engineer", "GET", f"/v1/jobs/{2**63}", None, "job_id"),
+        ("admin", "DELETE", f"/v1/tokens/{2**63}", None, "token_id"),
+    ],
+)
+def test_values_the_database_cannot_hold_get_a_422_not_a_500(
+    server, fleet, who, method, path, body, field
+) -> None:  # type: ignore[no-untyped-def]
+    resp = call(server, fleet[who], method, path, json=body)
+    assert resp.status_code == 422, resp.text
+    fields = {".".join(str(p) for p in e["loc"][1:]) for e in resp.json()["detail"]}
+    assert field in fields, fields
+
+
+def test_a_very_long_gpu_name_is_registered_with_a_bounded_model_name(server, fleet) -> None:  # type: ignore[no-untyped-def]
+    body = {"name": "n4", "gpus": [_gpu(name="Acme " + "Z" * 100, uuid="GPU-n4-0")]}
+    resp = call(server, fleet["orion"], "POST", "/v1/nodes/register", json=body)
+    assert resp.status_code == 200, resp.text
+    assert 0 < len(resp.json()["node"]["gpus"][0]["model"]) <= 64

@@ -104,7 +104,8 @@ def test_the_example_gang_trains_on_ray_and_its_gpu_hours_are_reported(
     out = _cli("submit", str(spec), "--server", url, "--token", eng)
     job_id = int(out.split()[1])
     api = ApiClient(url, eng)
-    assert _wait_status(api, job_id, {"completed", "failed"}) == "completed", api.job(job_id).error
+    status = _wait_status(api, job_id, {"completed", "failed"})
+    assert status == "completed", (api.job(job_id), api.logs(job_id).logs)
 
     job = api.job(job_id)
     (alloc,) = job.allocations

@@ -88,7 +88,8 @@ def test_stop_kills_the_workers_and_frees_the_gpus(ray_backend: RayBackend, tmp_
 
     total = ray.cluster_resources()["GPU"]
     pidfile = tmp_path / "pid"
-    launch = _launch(f"echo $$ > {pidfile}; exec sleep 300", ["ray-c"], gpus=4)
+    # the entrypoint starts a background child too: stop must reach the whole group
+    launch = _launch(f"sleep 300 & echo $! > {pidfile}; wait", ["ray-c"], gpus=4)
     ray_backend.start(launch)
     _wait(ray_backend, launch.allocation_id, {Phase.running})
     deadline = time.monotonic() + 30
@@ -103,7 +104,7 @@ def test_stop_kills_the_workers_and_frees_the_gpus(ray_backend: RayBackend, tmp_
         if not _alive(pid) and ray.available_resources().get("GPU", 0) == total:
             break
         time.sleep(0.2)
-    assert not _alive(pid), "the entrypoint survived stop()"
+    assert not _alive(pid), "the entrypoint's child survived stop()"
     assert ray.available_resources().get("GPU", 0) == total
 
 
@@ -118,10 +119,30 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_gang_for_a_node_ray_does_not_have_fails_with_a_reason(ray_cluster: str) -> None:
+def test_a_gang_for_a_node_ray_does_not_have_is_reported_lost_with_a_reason(
+    ray_cluster: str,
+) -> None:
     backend = RayBackend(ray_cluster, reserve_timeout_s=2)
     launch = _launch("true", ["no-such-node"])
     backend.start(launch)
-    state = _wait(backend, launch.allocation_id, {Phase.failed, Phase.succeeded}, timeout=30)
-    assert state.phase is Phase.failed and "not placed within" in (state.error or "")
+    state = _wait(
+        backend, launch.allocation_id, {Phase.lost, Phase.failed, Phase.succeeded}, timeout=30
+    )
+    assert state.phase is Phase.lost and "not placed within" in (state.error or "")
     backend.stop(launch.allocation_id)
+
+
+def test_a_child_left_behind_by_a_finished_entrypoint_is_stopped_with_the_allocation(
+    ray_backend: RayBackend, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pid"
+    launch = _launch(f"nohup sleep 300 >/dev/null 2>&1 & echo $! > {pidfile}; exit 0", ["ray-a"])
+    ray_backend.start(launch)
+    assert (
+        _wait(ray_backend, launch.allocation_id, {Phase.succeeded, Phase.failed}).phase
+        is Phase.succeeded
+    )
+    pid = int(pidfile.read_text())
+    assert _alive(pid)
+    ray_backend.stop(launch.allocation_id)
+    assert not _alive(pid), "a stray child outlived its allocation"

@@ -263,3 +263,37 @@ def test_a_cancel_that_read_the_job_before_it_started_still_closes_its_allocatio
         alloc = s.exec(select(Allocation)).one()
         assert alloc.ended_at is not None and alloc.end_reason == EndReason.cancelled
         assert s.exec(select(UsageInterval)).one().gpu_seconds == 20
+
+
+def test_usage_keeps_the_terms_in_force_when_the_allocation_opened(session_of) -> None:  # type: ignore[no-untyped-def]
+    """A node re-registered at another level mid-job must not re-price the job's past."""
+    from scheduler.schemas import GpuReport, NodeRegister
+    from scheduler.services.nodes import register_node
+    from scheduler.services.providers import add_agreement
+
+    with session_of() as s:
+        prov = f.provider(s, "orion", CommitmentLevel.reserved)
+        add_agreement(
+            s, provider=prov, level=CommitmentLevel.spot, starts_at=T0 - timedelta(days=1)
+        )
+        body = NodeRegister(
+            name="orion-1",
+            level=CommitmentLevel.reserved,
+            gpus=[GpuReport(uuid="GPU-x-0", index=0, name=f.H100[0], memory_total_bytes=f.H100[1])],
+        )
+        node = register_node(s, provider_id=prov.id, body=body, now=T0)
+        job = f.job(s)
+        _place(s, job, prov, node, _gpus(s, node), T0)
+    with session_of() as s:  # the agent restarts with --level spot while the job runs
+        register_node(
+            s,
+            provider_id=prov.id,
+            body=body.model_copy(update={"level": CommitmentLevel.spot}),
+            now=T0 + timedelta(days=5),
+        )
+    with session_of() as s:
+        transition_job(s, job_id=job.id, to=JobStatus.completed, now=T0 + timedelta(days=10))
+    with session_of() as s:
+        (row,) = s.exec(select(UsageInterval)).all()
+        assert row.level == CommitmentLevel.reserved
+        assert row.gpu_seconds == 10 * 86400

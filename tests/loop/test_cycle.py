@@ -286,7 +286,7 @@ def test_a_job_whose_workers_keep_dying_fails_after_three_attempts(
         scheduler.run_cycle()
     job = _status(session_of, job_id)
     assert job.status == JobStatus.failed and job.attempts == 3
-    assert "gave up after 3 attempts" in (job.error or "")
+    assert "gave up after 3 failed attempts" in (job.error or "")
 
 
 def test_a_draining_node_that_goes_silent_stays_draining_and_its_job_is_requeued(
@@ -313,3 +313,80 @@ def test_a_draining_node_that_goes_silent_stays_draining_and_its_job_is_requeued
             s.exec(select(Node).where(Node.name == "nebula-1")).one().status == NodeStatus.draining
         )
     assert "H200" in (_status(session_of, job_id).pending_reason or "")
+
+
+class _NulLogs(FakeBackend):
+    def logs(self, allocation_id: int) -> dict[int, str]:
+        return {0: "binary \x00 output\n"}
+
+
+def test_output_with_nul_bytes_is_kept_and_never_stalls_the_cycle(
+    engine, fleet, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    backend = _NulLogs()
+    scheduler = Scheduler(engine, backend, node_lost_after_s=30, clock=clock)
+    first, second = _job(session_of, clock, name="a"), _job(session_of, clock, name="b")
+    scheduler.run_cycle()
+    backend.finish(min(backend.launches))
+    report = scheduler.run_cycle()
+    assert report.errors == 0 and report.finished == {first: JobStatus.completed}
+    assert _status(session_of, second).status == JobStatus.running
+    with session_of() as s:
+        from scheduler.db.models import JobLog
+
+        assert s.exec(select(JobLog)).one().text == "binary \ufffd output\n"
+
+
+def test_a_job_cancelled_after_the_decision_is_skipped_and_the_rest_still_start(
+    engine, fleet, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    from scheduler.policy import schedule
+
+    a, b = _job(session_of, clock, name="a"), _job(session_of, clock, name="b")
+
+    def policy_then_cancel(*args, **kwargs):  # type: ignore[no-untyped-def]
+        decision = schedule(*args, **kwargs)
+        with session_of() as s:  # an API cancel lands between decision and start
+            cancel_job(s, job_id=a, now=clock.now)
+        return decision
+
+    backend = FakeBackend()
+    scheduler = Scheduler(
+        engine, backend, node_lost_after_s=30, clock=clock, policy=policy_then_cancel
+    )
+    report = scheduler.run_cycle()
+    assert report.started == [b] and report.errors == 0
+    assert _status(session_of, a).status == JobStatus.cancelled
+
+
+def test_a_start_the_backend_always_refuses_fails_the_job_after_three_attempts(
+    sched, fleet, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    scheduler, backend = sched
+    job_id = _job(session_of, clock)
+    backend.fail_start.add(job_id)
+    for _ in range(5):
+        scheduler.run_cycle()
+    job = _status(session_of, job_id)
+    assert job.status == JobStatus.failed and job.attempts == 3
+    assert "gave up after 3 failed attempts" in (job.error or "")
+
+
+def test_gpus_of_a_cancelled_job_still_running_on_the_backend_are_not_handed_out(
+    sched, fleet, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    scheduler, backend = sched
+    with session_of() as s:  # only nebula-1 (2 x H200) can host these jobs
+        for n in s.exec(select(Node).where(Node.name != "nebula-1")):
+            n.status = NodeStatus.cordoned
+            s.add(n)
+    first = _job(session_of, clock, name="a", gpus_per_worker=2)
+    scheduler.run_cycle()
+    alloc_id = next(iter(backend.launches))
+    backend.stop = lambda _id: {}  # type: ignore[method-assign]  # the stop has not happened yet
+    with session_of() as s:
+        cancel_job(s, job_id=first, now=clock.now)
+    second = _job(session_of, clock, name="b", gpus_per_worker=2)
+    report = scheduler.run_cycle()
+    assert alloc_id in backend.active()
+    assert report.started == [] and "waiting" in (_status(session_of, second).pending_reason or "")

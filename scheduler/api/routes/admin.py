@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 from sqlmodel import col, select
 
 from scheduler.api.deps import PrincipalDep, SessionDep
 from scheduler.db.models import Agreement, ApiToken, Provider
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import Role
+from scheduler.domain.limits import INT32_MAX
 from scheduler.schemas import (
     AgreementCreate,
     AgreementPublic,
@@ -125,7 +128,9 @@ def list_tokens(session: SessionDep, who: PrincipalDep) -> list[TokenPublic]:
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenPublic)
-def revoke_token(token_id: int, session: SessionDep, who: PrincipalDep) -> TokenPublic:
+def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=INT32_MAX)], session: SessionDep, who: PrincipalDep
+) -> TokenPublic:
     who.require(Role.admin)
     token = tokens_svc.revoke_token(session, token_id=token_id, now=utcnow())
     return _token_public(token, _provider_names(session))

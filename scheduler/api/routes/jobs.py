@@ -3,16 +3,20 @@ may read)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, status
 
 from scheduler.api.deps import BackendDep, PrincipalDep, SessionDep
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import JobStatus, Role
 from scheduler.domain.jobspec import JobSpec
+from scheduler.domain.limits import INT32_MAX
 from scheduler.schemas import JobDetail, JobLogs, JobPublic
 from scheduler.services import jobs as svc
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+JobId = Annotated[int, Path(ge=1, le=INT32_MAX, description="the job's id")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail)
@@ -34,13 +38,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDetail)
-def get_job(job_id: int, session: SessionDep, who: PrincipalDep) -> JobDetail:
+def get_job(job_id: JobId, session: SessionDep, who: PrincipalDep) -> JobDetail:
     who.require(Role.engineer, Role.partner_manager)
     return svc.job_detail(session, job=svc.get_job(session, job_id=job_id))
 
 
 @router.get("/{job_id}/logs", response_model=JobLogs)
-def get_logs(job_id: int, session: SessionDep, who: PrincipalDep, backend: BackendDep) -> JobLogs:
+def get_logs(job_id: JobId, session: SessionDep, who: PrincipalDep, backend: BackendDep) -> JobLogs:
     """Live output while the job runs; the kept tail once its workers are gone."""
     who.require(Role.engineer)
     svc.get_job(session, job_id=job_id)
@@ -60,7 +64,7 @@ def get_logs(job_id: int, session: SessionDep, who: PrincipalDep, backend: Backe
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail)
-def cancel(job_id: int, session: SessionDep, who: PrincipalDep) -> JobDetail:
+def cancel(job_id: JobId, session: SessionDep, who: PrincipalDep) -> JobDetail:
     """Cancel a pending or running job; the scheduler stops its workers within a cycle."""
     who.require(Role.engineer)
     job = svc.cancel_job(session, job_id=job_id, now=utcnow())
