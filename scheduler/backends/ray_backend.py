@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -56,11 +57,7 @@ class _WorkerImpl:
     def address(self) -> tuple[str, int]:
         import ray
 
-        ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ip, port
+        return ray.util.get_node_ip_address(), _master_port()
 
     def run(self, command: str, env: dict[str, str], cwd: str | None) -> int:
         import ray
@@ -328,6 +325,26 @@ class RayBackend:
         except Exception:
             log.debug("placement group already gone", exc_info=True)
         log.info("allocation %s: workers stopped, group removed", h.launch.allocation_id)
+
+
+def _master_port() -> int:
+    """A free port for rank 0's rendezvous (torch.distributed's store), taken outside the
+    kernel's ephemeral range and Ray's worker ports (10002-19999): a port from the ephemeral
+    range can be taken as the source port of some outgoing connection before the
+    entrypoint binds it."""
+    for port in random.sample(range(*MASTER_PORT_RANGE), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything tried was busy: let the kernel choose
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+MASTER_PORT_RANGE = (20000, 32000)
 
 
 def _die_with_parent() -> None:
