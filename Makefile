@@ -39,6 +39,7 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/bench_policy.py
 	$(BIN)/python bench/bench_ray_backend.py
+	$(BIN)/python bench/bench_heartbeat.py
 
 lint: install
 	$(BIN)/ruff check scheduler agents tests bench examples

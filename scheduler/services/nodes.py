@@ -159,14 +159,16 @@ def stale_node_ids(session: Session, *, now: datetime, lost_after_s: int) -> lis
     ]
 
 
-def held_gpu_ids(session: Session) -> set[int]:
-    return set(
-        session.exec(
-            select(AllocationGpu.gpu_id)
-            .join(Allocation, col(Allocation.id) == col(AllocationGpu.allocation_id))
-            .where(col(Allocation.ended_at).is_(None))
-        )
+def held_gpu_ids(session: Session, *, node_id: int | None = None) -> set[int]:
+    """GPUs held by open allocations (of one node when given)."""
+    stmt = (
+        select(AllocationGpu.gpu_id)
+        .join(Allocation, col(Allocation.id) == col(AllocationGpu.allocation_id))
+        .where(col(Allocation.ended_at).is_(None))
     )
+    if node_id is not None:
+        stmt = stmt.where(AllocationGpu.node_id == node_id)
+    return set(session.exec(stmt))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,10 @@ class NodeRow:
     gpus: list[Gpu]
 
 
-def load_nodes(session: Session, *, provider_id: int | None = None) -> list[NodeRow]:
+def load_nodes(
+    session: Session, *, provider_id: int | None = None, node_id: int | None = None
+) -> list[NodeRow]:
+    """Nodes with their provider, agreement and GPUs: all, one provider's, or one node."""
     stmt = (
         select(Node, Provider, Agreement)
         .join(Provider, col(Provider.id) == col(Node.provider_id))
@@ -186,6 +191,8 @@ def load_nodes(session: Session, *, provider_id: int | None = None) -> list[Node
     )
     if provider_id is not None:
         stmt = stmt.where(Node.provider_id == provider_id)
+    if node_id is not None:
+        stmt = stmt.where(Node.id == node_id)
     rows = list(session.exec(stmt))
     gpus: dict[int, list[Gpu]] = {}
     node_ids = [n.id for n, _, _ in rows]

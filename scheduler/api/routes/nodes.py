@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from scheduler.api.deps import PrincipalDep, SessionDep, SettingsDep
+from scheduler.db.models import Node
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import Role
 from scheduler.domain.labels import node_labels
@@ -17,12 +18,10 @@ from scheduler.services.providers import get_provider
 router = APIRouter(prefix="/nodes", tags=["nodes"])
 
 
-def _public(session: SessionDep, name: str) -> NodePublic:
-    node = svc.get_node(session, name=name)
-    (row,) = [
-        r for r in svc.load_nodes(session, provider_id=node.provider_id) if r.node.id == node.id
-    ]
-    return svc.node_public(row, svc.held_gpu_ids(session))
+def _public(session: SessionDep, node: Node) -> NodePublic:
+    """One node as the API shows it; reads only that node's rows (heartbeats are hot)."""
+    (row,) = svc.load_nodes(session, node_id=node.id)
+    return svc.node_public(row, svc.held_gpu_ids(session, node_id=node.id))
 
 
 @router.post("/register", response_model=NodeRegistered)
@@ -43,7 +42,7 @@ def register(
         provider_id = who.provider_id
     assert provider_id is not None
     node = svc.register_node(session, provider_id=provider_id, body=body, now=utcnow())
-    public = _public(session, node.name)
+    public = _public(session, node)
     return NodeRegistered(
         node=public,
         heartbeat_interval_s=settings.heartbeat_interval_s,
@@ -57,7 +56,7 @@ def heartbeat(name: str, body: Heartbeat, session: SessionDep, who: PrincipalDep
     node = svc.get_node(session, name=name)
     who.require_provider(node.provider_id)
     svc.heartbeat(session, node=node, body=body, now=utcnow())
-    return _public(session, name)
+    return _public(session, node)
 
 
 @router.get("", response_model=list[NodePublic])
@@ -76,7 +75,7 @@ def get_node(name: str, session: SessionDep, who: PrincipalDep) -> NodePublic:
     node = svc.get_node(session, name=name)
     if who.role is Role.provider:
         who.require_provider(node.provider_id)
-    return _public(session, name)
+    return _public(session, node)
 
 
 @router.post("/{name}/status", response_model=NodePublic)
@@ -87,4 +86,4 @@ def set_status(
     node = svc.get_node(session, name=name)
     who.require_provider(node.provider_id)
     svc.set_node_status(session, node=node, status=body.status, reason=body.reason)
-    return _public(session, name)
+    return _public(session, node)
