@@ -106,6 +106,7 @@ def agent(
     from agents.agent import Agent, AgentOptions
     from agents.gpu import GpuReaderError, open_reader
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     logging.basicConfig(
         level=log_level.upper(), format=f"%(asctime)s %(levelname)s agent[{node_name}]: %(message)s"
     )

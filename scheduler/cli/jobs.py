@@ -186,7 +186,8 @@ def usage(
     if fmt == "csv":
         sys.stdout.write(csv_text(headers, rows))
         return
-    click.echo(f"GPU usage {report.start.isoformat()} .. {report.end.isoformat()}")
+    start_s, end_s = (t.isoformat(timespec="seconds") for t in (report.start, report.end))
+    click.echo(f"GPU usage [{start_s} .. {end_s})")
     click.echo(table(headers, rows) if rows else "(no usage in this window)")
     click.echo(
         f"total: {report.total_gpu_seconds} GPU-seconds"
