@@ -37,6 +37,4 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_interval_s: int = Field(default=10, ge=1)
     node_lost_after_s: int = Field(default=45, ge=2)
-    log_dir: Path = Field(default=DEFAULT_DATA_DIR / "logs")
     log_tail_bytes: int = Field(default=64_000, ge=1_000)
-    ray_start_timeout_s: int = Field(default=120, ge=5)

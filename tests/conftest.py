@@ -96,19 +96,9 @@ def _empty(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
         else:
+            # ids restart at 1 too: SQLite reuses max(rowid)+1 (no AUTOINCREMENT here)
             for name in reversed(tables):
                 conn.execute(text(f"DELETE FROM {name}"))
-            conn.execute(text("DELETE FROM sqlite_sequence")) if _has_sqlite_sequence(
-                conn
-            ) else None
-
-
-def _has_sqlite_sequence(conn) -> bool:  # type: ignore[no-untyped-def]
-    return bool(
-        conn.execute(
-            text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='sqlite_sequence'")
-        ).first()
-    )
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,8 +147,6 @@ class RayBackend:
         self._lock = threading.RLock()
         self._tail = log_tail_bytes
         self._reserve_timeout_s = reserve_timeout_s
-        self._finished_logs: dict[int, dict[int, str]] = {}
-        self._finished_order: deque[int] = deque(maxlen=256)
 
     # --- ExecutionBackend -----------------------------------------------------------------
     def start(self, launch: Launch) -> None:
@@ -206,7 +203,7 @@ class RayBackend:
             handle = self._handles.pop(allocation_id, None)
         if handle is None:
             return {}
-        logs = self._remember_logs(allocation_id, handle)
+        logs = self._collect_logs(handle)  # the loop keeps them in the database
         self._teardown(handle)
         return logs
 
@@ -214,7 +211,7 @@ class RayBackend:
         with self._lock:
             handle = self._handles.get(allocation_id)
             if handle is None:
-                return dict(self._finished_logs.get(allocation_id, {}))
+                return {}
         return self._collect_logs(handle)
 
     def active(self) -> set[int]:
@@ -297,16 +294,6 @@ class RayBackend:
             except Exception as exc:
                 out[rank] = f"<logs unavailable: {_describe(exc)}>"
         return out
-
-    def _remember_logs(self, allocation_id: int, h: _Handle) -> dict[int, str]:
-        if not h.actors:
-            return {}
-        logs = self._collect_logs(h)
-        self._finished_logs[allocation_id] = logs
-        if len(self._finished_order) == self._finished_order.maxlen:
-            self._finished_logs.pop(self._finished_order[0], None)
-        self._finished_order.append(allocation_id)
-        return logs
 
     def _teardown(self, h: _Handle) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -64,10 +64,6 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def lock_for_update(stmt: T, session: Session) -> T:
     """``SELECT ... FOR UPDATE`` where the database supports row locks."""
     bind = session.get_bind()

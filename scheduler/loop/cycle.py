@@ -35,14 +35,13 @@ from scheduler.db.types import utcnow
 from scheduler.domain.enums import EndReason, JobStatus
 from scheduler.errors import Conflict
 from scheduler.loop import snapshot
-from scheduler.policy import Decision, Placement, RunningAllocation, schedule
+from scheduler.policy import Placement, PolicyFn, RunningAllocation, schedule
 from scheduler.services.jobs import save_logs
 from scheduler.services.nodes import mark_lost_nodes, stale_node_ids
 from scheduler.services.transitions import PlacementRecord, transition_job
 
 log = logging.getLogger(__name__)
 
-PolicyFn = Callable[..., Decision]
 MAX_ATTEMPTS = 3  # a job whose workers failed to start or were lost this often is failed
 RETRIED = (EndReason.failed, EndReason.node_lost)  # requeue reasons that count as attempts
 

@@ -18,7 +18,11 @@ from scheduler.schemas import AllocationPublic, JobDetail, JobPublic, WorkerPubl
 from scheduler.services.transitions import gpu_seconds, transition_job
 
 
-def submit_job(session: Session, *, spec: JobSpec, owner: str, now: datetime) -> Job:
+def submit_job(
+    session: Session, *, spec: JobSpec, owner: str, now: datetime, scheduler_running: bool = True
+) -> Job:
+    """Store a validated spec as a pending job. Without a scheduler the reason says so,
+    rather than promising a cycle that will never come."""
     _check_against_fleet(session, spec)
     job = Job(
         name=spec.name,
@@ -37,7 +41,9 @@ def submit_job(session: Session, *, spec: JobSpec, owner: str, now: datetime) ->
         checkpoint_uri=spec.checkpoint,
         spec=spec.model_dump(mode="json"),
         status=JobStatus.pending,
-        pending_reason="waiting for the next scheduling cycle",
+        pending_reason="waiting for the next scheduling cycle"
+        if scheduler_running
+        else "queued; this control plane runs no scheduler (no Ray address)",
         submitted_at=now,
     )
     session.add(job)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from sqlmodel import col, func, select
 
-from scheduler.db.models import Job, Node
+from scheduler.db.models import Gpu, Job, Node, Provider
 from scheduler.domain.enums import CommitmentLevel, Role
 from tests import factories as f
 
@@ -143,8 +143,10 @@ def test_a_provider_cannot_register_a_node_name_owned_by_another_provider(
     }
     resp = call(server, fleet["vega"], "POST", "/v1/nodes/register", json=body)
     assert resp.status_code == 403
-    with session_of() as s:
-        assert s.exec(select(Node).where(Node.name == "orion-1")).one().provider_id != 0
+    with session_of() as s:  # the node and its GPUs are untouched
+        node = s.exec(select(Node).where(Node.name == "orion-1")).one()
+        assert s.get(Provider, node.provider_id).name == "orion"  # type: ignore[union-attr]
+        assert s.exec(select(Gpu).where(Gpu.uuid == "GPU-evil-0")).first() is None
 
 
 def test_an_agent_registers_heartbeats_and_its_node_shows_its_gpus(server, fleet) -> None:  # type: ignore[no-untyped-def]

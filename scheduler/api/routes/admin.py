@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, status
-from sqlmodel import col, select
+from sqlmodel import select
 
 from scheduler.api.deps import PrincipalDep, SessionDep
 from scheduler.db.models import Agreement, ApiToken, Provider
@@ -134,6 +134,3 @@ def revoke_token(
     who.require(Role.admin)
     token = tokens_svc.revoke_token(session, token_id=token_id, now=utcnow())
     return _token_public(token, _provider_names(session))
-
-
-__all__ = ["router", "col"]

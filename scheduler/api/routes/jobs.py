@@ -22,9 +22,9 @@ JobId = Annotated[int, Path(ge=1, le=INT32_MAX, description="the job's id")]
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail)
 def submit(spec: JobSpec, session: SessionDep, who: PrincipalDep, backend: BackendDep) -> JobDetail:
     who.require(Role.engineer)
-    job = svc.submit_job(session, spec=spec, owner=who.name, now=utcnow())
-    if backend is None:  # say so rather than promise a cycle that will never come
-        job.pending_reason = "queued; this control plane runs no scheduler (no Ray address)"
+    job = svc.submit_job(
+        session, spec=spec, owner=who.name, now=utcnow(), scheduler_running=backend is not None
+    )
     return svc.job_detail(session, job=job)
 
 
