@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seconds-per-trial", type=float, default=1.0)
     args = parser.parse_args()
-    ckpt_dir = Path(os.environ.get("ANDROMEDA_CHECKPOINT", "/tmp/andromeda-sweep"))
+    # The scheduler always sets ANDROMEDA_CHECKPOINT; by hand, a fresh folder of our own.
+    ckpt_dir = Path(os.environ.get("ANDROMEDA_CHECKPOINT") or tempfile.mkdtemp(prefix="sweep-"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "trials.json"
     done: dict[str, float] = json.loads(ckpt.read_text()) if ckpt.exists() else {}

@@ -2,7 +2,9 @@
 
 Runs under the environment the scheduler sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 With PyTorch installed it uses torch.distributed (gloo, CPU) and DistributedDataParallel;
-without it, a NumPy MLP whose gradients are averaged across the workers through a Ray actor.
+without it, a NumPy MLP whose gradients are averaged across the workers over TCP
+(``examples/allreduce.py``: rank 0 serves MASTER_ADDR:MASTER_PORT, as gloo's store does).
+Neither needs Ray: a job's workers get no Ray address, by design.
 Every rank trains on its own shard of one synthetic data set; the script exits non-zero if
 the loss did not fall or the replicas' weights diverged, so a "completed" job means it
 really trained.
@@ -68,60 +70,7 @@ def train_torch(rank: int, world: int, steps: int) -> tuple[float, float]:
 
 
 def train_numpy(rank: int, world: int, steps: int) -> tuple[float, float]:
-    import ray
-
-    ray.init(
-        address=os.environ["RAY_ADDRESS"],
-        namespace="andromeda-jobs",
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-
-    @ray.remote(num_cpus=0)
-    class AllReduce:
-        """Averages each step's gradients over all ranks; a barrier per step."""
-
-        def __init__(self, world: int) -> None:
-            import asyncio
-
-            self.world = world
-            self.steps: dict[int, list] = {}
-            self.done: set[int] = set()
-            self.asyncio = asyncio
-
-        async def average(self, step: int, grads: list[np.ndarray]) -> list[np.ndarray]:
-            entry = self.steps.setdefault(step, [None, 0, self.asyncio.Event(), 0])
-            total = entry[0]
-            entry[0] = (
-                grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
-            )
-            entry[1] += 1
-            if entry[1] == self.world:
-                entry[2].set()
-            await entry[2].wait()
-            result = [g / self.world for g in entry[0]]
-            entry[3] += 1
-            if entry[3] == self.world:
-                del self.steps[step]
-            return result
-
-        def finish(self, rank: int) -> int:
-            self.done.add(rank)
-            return len(self.done)
-
-    name = f"allreduce-{os.environ.get('ANDROMEDA_ALLOCATION_ID', 'local')}"
-    if rank == 0:
-        reducer = AllReduce.options(name=name).remote(world)
-    else:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                reducer = ray.get_actor(name)
-                break
-            except ValueError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("rank 0 never created the all-reduce actor") from None
-                time.sleep(0.5)
+    from allreduce import AllReduce  # examples/allreduce.py, beside this file
 
     rng = np.random.default_rng(0)  # same seed: every replica starts from the same weights
     w1 = rng.normal(scale=0.3, size=(IN, HIDDEN)).astype(np.float32)
@@ -130,29 +79,30 @@ def train_numpy(rank: int, world: int, steps: int) -> tuple[float, float]:
     b2 = np.zeros(OUT, np.float32)
     x, y = dataset(rank, world)
     first = last = 0.0
-    for step in range(steps):
-        h = np.tanh(x @ w1 + b1)
-        pred = h @ w2 + b2
-        err = pred - y
-        loss = float(np.mean(err**2))
-        d_pred = 2 * err / len(x)
-        g_w2 = h.T @ d_pred
-        g_b2 = d_pred.sum(0)
-        d_h = (d_pred @ w2.T) * (1 - h**2)
-        g_w1 = x.T @ d_h
-        g_b1 = d_h.sum(0)
-        g_w1, g_b1, g_w2, g_b2 = ray.get(reducer.average.remote(step, [g_w1, g_b1, g_w2, g_b2]))
-        for p, g in ((w1, g_w1), (b1, g_b1), (w2, g_w2), (b2, g_b2)):
-            p -= 0.1 * g
-        if step == 0:
-            first = loss
-        last = loss
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            log(rank, f"step {step:4d} loss {last:.5f}")
-    ray.get(reducer.finish.remote(rank))
-    if rank == 0:  # keep the reducer alive until every rank is through
-        while ray.get(reducer.finish.remote(0)) < world:
-            time.sleep(0.2)
+    with AllReduce.from_env(rank, world) as reducer:
+        for step in range(steps):
+            h = np.tanh(x @ w1 + b1)
+            pred = h @ w2 + b2
+            err = pred - y
+            loss = float(np.mean(err**2))
+            d_pred = 2 * err / len(x)
+            g_w2 = h.T @ d_pred
+            g_b2 = d_pred.sum(0)
+            d_h = (d_pred @ w2.T) * (1 - h**2)
+            g_w1 = x.T @ d_h
+            g_b1 = d_h.sum(0)
+            g_w1, g_b1, g_w2, g_b2 = reducer.mean([g_w1, g_b1, g_w2, g_b2])
+            for p, g in ((w1, g_w1), (b1, g_b1), (w2, g_w2), (b2, g_b2)):
+                p -= 0.1 * g
+            if step == 0:
+                first = loss
+            last = loss
+            if step % max(1, steps // 5) == 0 or step == steps - 1:
+                log(rank, f"step {step:4d} loss {last:.5f}")
+        checksums = reducer.mean([np.array([w1.sum() + b1.sum() + w2.sum() + b2.sum()])])
+    spread = abs(float(checksums[0][0]) - float(w1.sum() + b1.sum() + w2.sum() + b2.sum()))
+    if spread > 1e-3:
+        raise SystemExit(f"replicas diverged (weight checksum off the mean by {spread})")
     return first, last
 
 

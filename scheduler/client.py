@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from scheduler.domain.explain import format_errors
 from scheduler.schemas import (
     Heartbeat,
     JobDetail,
@@ -35,14 +36,7 @@ class ApiError(Exception):
 def format_detail(detail: Any) -> str:
     """FastAPI's ``[{loc, msg}]`` lists become ``field: problem; field: problem``."""
     if isinstance(detail, list):
-        parts = []
-        for item in detail:
-            if isinstance(item, dict):
-                loc = [str(p) for p in item.get("loc", []) if p not in ("body", "query", "path")]
-                parts.append(f"{'.'.join(loc) or 'request'}: {item.get('msg', item)}")
-            else:
-                parts.append(str(item))
-        return "; ".join(parts)
+        return format_errors(d if isinstance(d, dict) else {"msg": str(d)} for d in detail)
     return str(detail)
 
 
@@ -83,8 +77,22 @@ class ApiClient:
         return response.json() if response.content else None
 
     # --- jobs -------------------------------------------------------------------------------
-    def submit(self, spec: dict[str, Any]) -> JobDetail:
-        return JobDetail.model_validate(self.request("POST", "/v1/jobs", json=spec))
+    def submit(
+        self,
+        spec: dict[str, Any],
+        *,
+        allow_unknown_model: bool = False,
+        allow_oversize: bool = False,
+    ) -> JobDetail:
+        params = {
+            k: "true"
+            for k, v in (
+                ("allow_unknown_model", allow_unknown_model),
+                ("allow_oversize", allow_oversize),
+            )
+            if v
+        }
+        return JobDetail.model_validate(self.request("POST", "/v1/jobs", json=spec, params=params))
 
     def jobs(self, *, status: str | None = None, limit: int = 100) -> list[JobPublic]:
         params: dict[str, Any] = {"limit": limit}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -162,6 +164,44 @@ def utc(*args: int) -> datetime:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# --- the repository stands alone ------------------------------------------------------------
+# Every file a test reads must be inside the repository (or be the system's: Python, the
+# venv, temporary files). An audit hook records each file this test process opens for
+# reading under the folder that holds the clone but outside the clone itself (where a
+# sibling folder of reference data would be); tests/test_standalone.py fails if there is any.
+OUTSIDE_READS: list[str] = []
+
+
+def _outside(path: str) -> bool:
+    here = str(REPO) + os.sep
+    beside = str(REPO.parent) + os.sep
+    tmp = os.path.realpath(tempfile.gettempdir()) + os.sep
+    return path.startswith(beside) and not path.startswith(here) and not path.startswith(tmp)
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event != "open" or not args:
+        return
+    target, mode = args[0], args[1] if len(args) > 1 else "r"
+    if not isinstance(target, str | bytes | os.PathLike) or isinstance(target, int):
+        return
+    if isinstance(mode, str) and any(c in mode for c in "wax+"):
+        return
+    path = os.path.realpath(os.fsdecode(target))
+    if _outside(path):
+        OUTSIDE_READS.append(path)
+
+
+sys.addaudithook(_audit)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if OUTSIDE_READS:
+        reads = "\n  ".join(sorted(set(OUTSIDE_READS)))
+        print(f"\nFAILED: files outside the repository were read:\n  {reads}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

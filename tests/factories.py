@@ -72,6 +72,7 @@ def job(
     max_runtime: int | None = None,
     now: datetime | None = None,
     entrypoint: str = "true",
+    allow_unknown_model: bool = False,
 ) -> Job:
     spec = JobSpec(
         name=name,
@@ -84,7 +85,13 @@ def job(
         gpu={"model": gpu_model},  # type: ignore[arg-type]
         max_runtime=max_runtime,
     )
-    return submit_job(session, spec=spec, owner="tester", now=now or utcnow())
+    return submit_job(
+        session,
+        spec=spec,
+        owner="tester",
+        now=now or utcnow(),
+        allow_unknown_model=allow_unknown_model,
+    )
 
 
 def token(session: Session, role: Role, provider_name: str | None = None) -> str:

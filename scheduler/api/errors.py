@@ -6,9 +6,14 @@ FastAPI uses for request validation, so clients handle both kinds alike.
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from scheduler.domain.explain import explain_errors
 from scheduler.errors import AndromedaError, Unauthenticated, ValidationFailed
 
 
@@ -23,5 +28,22 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content=body, headers=headers)
 
 
+async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, with each message rewritten as a sentence (see domain/explain.py)."""
+    assert isinstance(exc, RequestValidationError)
+    detail = explain_errors(exc.errors(), _body_model(request))
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The route's request-body model, so unknown fields can get a "did you mean"."""
+    field: Any = getattr(request.scope.get("route"), "body_field", None)
+    annotation = getattr(getattr(field, "field_info", None), "annotation", None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(AndromedaError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _request_invalid)

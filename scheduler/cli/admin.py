@@ -121,6 +121,8 @@ def token_create(
                 )
         except AndromedaError as exc:
             raise click.ClickException(exc.message) from exc
+        # The secret goes to stdout (for scripts); where it was written, to stderr.
+        click.echo(f"token written to {_safe_url(settings.database_url)}", err=True)
     else:
         if not admin_token:
             raise click.UsageError("pass --token (an admin token) or --local")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from scheduler.cli.common import client_from, handle_errors, server_options
 from scheduler.cli.output import csv_text, table
-from scheduler.client import format_detail
+from scheduler.cli.times import WHEN, fmt_time
+from scheduler.domain.explain import explain_errors, format_errors
 from scheduler.domain.jobspec import JobSpec
 from scheduler.domain.units import hours
 from scheduler.schemas import JobDetail
@@ -26,8 +27,9 @@ def load_spec(path: Path) -> dict[str, Any]:
     A relative ``working_dir`` is taken relative to the YAML file's folder.
     """
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        with path.open(encoding="utf-8") as stream:  # a stream, so YAML errors name the file
+            data = yaml.safe_load(stream)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise click.ClickException(f"{path}: cannot read YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise click.ClickException(f"{path}: expected a mapping of job fields at the top level")
@@ -37,22 +39,43 @@ def load_spec(path: Path) -> dict[str, Any]:
     try:
         JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise click.ClickException(
-            f"{path}: {format_detail(exc.errors(include_url=False))}"
-        ) from exc
+        errors = explain_errors(exc.errors(include_url=False), JobSpec)
+        raise click.ClickException(f"{path}: {format_errors(errors)}") from exc
     return data
 
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--allow-unknown-model",
+    is_flag=True,
+    help="Accept a GPU model no node of the fleet has had yet (nodes about to join).",
+)
+@click.option(
+    "--allow-oversize",
+    is_flag=True,
+    help="Accept a gang larger than any site can hold today (capacity about to join).",
+)
 @server_options
 @handle_errors
-def submit(files: tuple[Path, ...], server: str, token: str) -> None:
-    """Submit job specs (YAML). Prints the id of each job."""
+def submit(
+    files: tuple[Path, ...],
+    allow_unknown_model: bool,
+    allow_oversize: bool,
+    server: str,
+    token: str,
+) -> None:
+    """Submit job specs (YAML). Prints the id of each job.
+
+    Each spec is checked here first, then by the server against the fleet: a GPU model
+    no node has ever had, or a gang no site could hold, is refused unless you say it may
+    wait for capacity that is about to join."""
     specs = [load_spec(f) for f in files]
     with client_from(server, token) as api:
         for path, spec in zip(files, specs, strict=True):
-            job = api.submit(spec)
+            job = api.submit(
+                spec, allow_unknown_model=allow_unknown_model, allow_oversize=allow_oversize
+            )
             click.echo(f"job {job.id} submitted ({job.name}, {path})")
 
 
@@ -95,16 +118,16 @@ def describe(job: JobDetail) -> str:
         f"  gang:        {job.workers} worker(s) x {job.gpus_per_worker} GPU(s)"
         + (f" of {job.gpu_model}" if job.gpu_model else ""),
         f"  entrypoint:  {job.entrypoint}",
-        f"  submitted:   {job.submitted_at.isoformat()}",
+        f"  submitted:   {fmt_time(job.submitted_at)}",
     ]
     if job.pending_reason:
         lines.append(f"  waiting:     {job.pending_reason}")
     if job.error:
         lines.append(f"  error:       {job.error}")
     for a in job.allocations:
-        end = a.ended_at.isoformat() if a.ended_at else "running"
+        end = fmt_time(a.ended_at) if a.ended_at else "running"
         lines.append(
-            f"  allocation {a.id} on {a.provider}: {a.started_at.isoformat()} -> {end}"
+            f"  allocation {a.id} on {a.provider}: {fmt_time(a.started_at)} -> {end}"
             + (f" ({a.end_reason.value}, {a.gpu_seconds} GPU-s)" if a.end_reason else "")
         )
         for w in a.workers:
@@ -157,8 +180,13 @@ def cancel(job_id: int, server: str, token: str) -> None:
 
 @click.command()
 @click.option("--by", type=click.Choice(["provider"]), default="provider", show_default=True)
-@click.option("--start", type=click.DateTime(), help="UTC start (inclusive); default 30 days ago.")
-@click.option("--end", type=click.DateTime(), help="UTC end (exclusive); default now.")
+@click.option(
+    "--start",
+    type=WHEN,
+    help="Start (inclusive): ISO 8601 (2026-11-01, 2026-11-01T00:00:00Z) or a window back "
+    "from now (7d, 12h). Default: 30 days before the end.",
+)
+@click.option("--end", type=WHEN, help="End (exclusive), in the same forms. Default: now.")
 @click.option(
     "--format",
     "fmt",
@@ -172,8 +200,6 @@ def usage(
     by: str, start: datetime | None, end: datetime | None, fmt: str, server: str, token: str
 ) -> None:
     """GPU-hours per provider, commitment level and GPU model."""
-    start = start.replace(tzinfo=UTC) if start else None
-    end = end.replace(tzinfo=UTC) if end else None
     with client_from(server, token) as api:
         report = api.usage(start=start, end=end)
     if fmt == "json":
@@ -186,7 +212,7 @@ def usage(
     if fmt == "csv":
         sys.stdout.write(csv_text(headers, rows))
         return
-    start_s, end_s = (t.isoformat(timespec="seconds") for t in (report.start, report.end))
+    start_s, end_s = fmt_time(report.start), fmt_time(report.end)
     click.echo(f"GPU usage [{start_s} .. {end_s})")
     click.echo(table(headers, rows) if rows else "(no usage in this window)")
     click.echo(

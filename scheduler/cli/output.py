@@ -7,6 +7,8 @@ import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from scheduler.cli.times import fmt_time
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
@@ -31,7 +33,7 @@ def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        return fmt_time(value)
     return str(value)
 
 

@@ -12,18 +12,30 @@ from sqlmodel import Session, col, func, select
 
 from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider
 from scheduler.domain.enums import JobStatus
+from scheduler.domain.gpu_models import model_matches
 from scheduler.domain.jobspec import JobSpec
 from scheduler.errors import NotFound, ValidationFailed
+from scheduler.policy import JobRequest
+from scheduler.policy.placement import describe_constraint, node_matches
 from scheduler.schemas import AllocationPublic, JobDetail, JobPublic, WorkerPublic
 from scheduler.services.transitions import gpu_seconds, transition_job
 
 
 def submit_job(
-    session: Session, *, spec: JobSpec, owner: str, now: datetime, scheduler_running: bool = True
+    session: Session,
+    *,
+    spec: JobSpec,
+    owner: str,
+    now: datetime,
+    scheduler_running: bool = True,
+    allow_unknown_model: bool = False,
+    allow_oversize: bool = False,
 ) -> Job:
     """Store a validated spec as a pending job. Without a scheduler the reason says so,
     rather than promising a cycle that will never come."""
-    _check_against_fleet(session, spec)
+    _check_against_fleet(
+        session, spec, allow_unknown_model=allow_unknown_model, allow_oversize=allow_oversize
+    )
     job = Job(
         name=spec.name,
         model_name=spec.model,
@@ -51,19 +63,70 @@ def submit_job(
     return job
 
 
-def _check_against_fleet(session: Session, spec: JobSpec) -> None:
-    """Reject a gang no registered node could ever host (once the fleet has nodes at all)."""
-    per_node = session.exec(
-        select(Gpu.node_id, func.count(col(Gpu.id))).group_by(col(Gpu.node_id))
+def _check_against_fleet(
+    session: Session, spec: JobSpec, *, allow_unknown_model: bool, allow_oversize: bool
+) -> None:
+    """Reject a gang no registered node could ever host (once the fleet has nodes at all).
+
+    Three checks, each naming what the fleet does have: the GPU model (``allow_unknown_model``
+    skips it, for a model about to join), GPUs per worker against the largest matching node,
+    and the whole gang against the largest matching site (``allow_oversize`` skips it)."""
+    rows = session.exec(
+        select(Node.id, Node.provider_id, Gpu.model, Gpu.memory_bytes, func.count(col(Gpu.id)))
+        .join(Gpu, col(Gpu.node_id) == col(Node.id))
+        .group_by(col(Node.id), col(Node.provider_id), col(Gpu.model), col(Gpu.memory_bytes))
     ).all()
-    if not per_node:
+    if not rows:
         return
-    largest = max(count for _, count in per_node)
+    request = _request_of(spec)
+    models = sorted({model for _, _, model, _, _ in rows})
+    matching = [r for r in rows if node_matches(request, r[2], r[3])]
+    if spec.gpu.model and not any(model_matches(spec.gpu.model, m) for m in models):
+        if allow_unknown_model:
+            return
+        raise ValidationFailed(
+            "gpu.model",
+            f"no node of the fleet has ever had {spec.gpu.model} GPUs (the fleet has "
+            f"{', '.join(models)}); submit with --allow-unknown-model if such nodes are about "
+            "to join",
+        )
+    if not matching:
+        if allow_unknown_model:
+            return
+        raise ValidationFailed(
+            "gpu",
+            f"no node of the fleet has {describe_constraint(request)} (it has {', '.join(models)})",
+        )
+    largest = max(count for *_, count in matching)
     if spec.gpus_per_worker > largest:
         raise ValidationFailed(
             "gpus_per_worker",
             f"{spec.gpus_per_worker} GPUs per worker, but the largest node has {largest}",
         )
+    per_group: dict[int, int] = {}
+    for _node, group, _model, _mem, count in matching:
+        per_group[group] = per_group.get(group, 0) + count // spec.gpus_per_worker
+    best = max(per_group.values())
+    if spec.workers > best and not allow_oversize:
+        raise ValidationFailed(
+            "workers",
+            f"{spec.workers} workers x {spec.gpus_per_worker} GPUs, but the largest site can "
+            f"hold {best} such workers (a gang never spans sites); submit with "
+            "--allow-oversize if that capacity is about to join",
+        )
+
+
+def _request_of(spec: JobSpec) -> JobRequest:
+    memory = spec.gpu.min_memory_gb * 10**9 if spec.gpu.min_memory_gb else None
+    return JobRequest(
+        job_id=0,
+        priority=0,
+        seq=0,
+        num_workers=spec.workers,
+        gpus_per_worker=spec.gpus_per_worker,
+        gpu_model=spec.gpu.model,
+        min_gpu_memory_bytes=memory,
+    )
 
 
 def get_job(session: Session, *, job_id: int) -> Job:

@@ -1,8 +1,10 @@
 """Load the Microsoft Philly trace (Pollux's processed CSV) as replayable jobs.
 
-The CSV (``shared/traces/philly/philly.csv``) has columns ``timestamp`` (naive local submit
-time), ``duration`` (seconds, float), ``num_gpus``, ``gpu_time`` and ``cluster`` (a virtual
-cluster hash, a stand-in for a team). It carries no priority, GPU model or provider, so:
+The CSV ships with the package, gzip-compressed (``scheduler/sim/traces/philly.csv.gz``;
+provenance and licence in ``scheduler/sim/traces/README.md``). It has columns
+``timestamp`` (naive local submit time), ``duration`` (seconds, float), ``num_gpus``,
+``gpu_time`` and ``cluster`` (a virtual cluster hash, a stand-in for a team). It carries
+no priority, GPU model or provider, so:
 
 * Priority: each virtual cluster gets one priority class from a SEEDED hash,
   ``sha256(f"{seed}:{cluster}")`` read as an integer, modulo 100, mapped to
@@ -22,7 +24,9 @@ cluster hash, a stand-in for a team). It carries no priority, GPU model or provi
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
 import os
 from datetime import datetime
 from pathlib import Path
@@ -35,12 +39,20 @@ MAX_GPUS_PER_WORKER = 8
 _NOT_PREEMPTIBLE = frozenset({PriorityClass.critical, PriorityClass.high})
 
 
+PACKAGED_TRACE = Path(__file__).resolve().parent / "traces" / "philly.csv.gz"
+
+
 def default_trace_path() -> Path:
-    """``$ANDROMEDA_PHILLY`` if set, else ``shared/traces/philly/philly.csv`` beside the repo."""
+    """``$ANDROMEDA_PHILLY`` if set, else the trace shipped with the package."""
     env = os.environ.get("ANDROMEDA_PHILLY")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared/traces/philly/philly.csv"
+    return Path(env) if env else PACKAGED_TRACE
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """A CSV file, plain or gzip-compressed (by its ``.gz`` suffix), as text."""
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open(newline="", encoding="utf-8")  # type: ignore[return-value]
 
 
 def priority_class(cluster: str, seed: int = PRIORITY_SEED) -> PriorityClass:
@@ -77,11 +89,11 @@ def load_philly(
     """
     if not path.is_file():
         raise FileNotFoundError(
-            f"Philly trace not found at {path}; set ANDROMEDA_PHILLY to the philly.csv path"
+            f"Philly trace not found at {path}; set ANDROMEDA_PHILLY to a philly.csv(.gz) file"
         )
     since = datetime.fromisoformat(start) if start else None
     rows: list[tuple[datetime, int, dict[str, str]]] = []
-    with path.open(newline="") as fh:
+    with open_text(path) as fh:
         for index, row in enumerate(csv.DictReader(fh)):
             stamp = datetime.fromisoformat(row["timestamp"])
             if since is None or stamp >= since:

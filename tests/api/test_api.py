@@ -68,16 +68,16 @@ def test_a_valid_job_is_accepted_and_queued(server, fleet) -> None:  # type: ign
 @pytest.mark.parametrize(
     ("change", "field", "problem"),
     [
-        ({"gpus_per_worker": 0}, "gpus_per_worker", "greater than or equal to 1"),
+        ({"gpus_per_worker": 0}, "gpus_per_worker", "must be at least 1 (got 0)"),
         ({"gpus_per_worker": 8}, "gpus_per_worker", "the largest node has 4"),
         ({"priority": "urgent"}, "priority", "'critical', 'high', 'normal' or 'low'"),
-        ({"entrypoint": None}, "entrypoint", "Field required"),
+        ({"entrypoint": None}, "entrypoint", "required, but missing"),
         ({"entrypoint": "   "}, "entrypoint", "must not be blank"),
-        ({"workers": -1}, "workers", "greater than or equal to 1"),
-        ({"name": "Bad Name!"}, "name", "should match pattern"),
+        ({"workers": -1}, "workers", "must be at least 1 (got -1)"),
+        ({"name": "Bad Name!"}, "name", "must be a lower-case DNS label"),
         ({"max_runtime": "soon"}, "max_runtime", "is not a duration"),
         ({"env": {"RANK": "3"}}, "env", "set by the scheduler"),
-        ({"surprise": 1}, "surprise", "Extra inputs are not permitted"),
+        ({"surprise": 1}, "surprise", "unknown field; expected one of"),
     ],
 )
 def test_a_malformed_job_gets_a_422_naming_the_field_and_nothing_is_stored(  # type: ignore[no-untyped-def]

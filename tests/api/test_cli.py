@@ -54,14 +54,30 @@ def test_submit_list_show_and_cancel_a_job(env, tmp_path: Path) -> None:  # type
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
-        ("name: t\nmodel: m\n", "entrypoint: Field required"),
+        ("name: t\nmodel: m\n", "entrypoint: required, but missing"),
         (
             "name: t\nmodel: m\nentrypoint: x\ngpus_per_worker: 0\n",
-            "gpus_per_worker: Input should be greater than or equal to 1",
+            "gpus_per_worker: must be at least 1 (got 0)",
         ),
-        ("name: t\nmodel: m\nentrypoint: x\npriority: asap\n", "priority: Input should be"),
+        (
+            "name: t\nmodel: m\nentrypoint: x\npriority: asap\n",
+            "priority: must be one of 'critical', 'high', 'normal' or 'low' (got 'asap')",
+        ),
+        (
+            "name: t\nmodel: m\nentrypoint: x\ngpus: 2\n",
+            "gpus: unknown field; did you mean gpus_per_worker?",
+        ),
+        (
+            "name: t\nmodel: m\nentrypoint: x\ngpu: {modle: H100}\n",
+            "gpu.modle: unknown field; did you mean model?",
+        ),
+        (
+            "name: Big_Job\nmodel: m\nentrypoint: x\n",
+            "name: must be a lower-case DNS label: letters, digits and '-'",
+        ),
+        ("name: t\nmodel: m\nentrypoint: x\nworkers: two\n", "workers: must be a whole number"),
         ("- just\n- a list\n", "expected a mapping"),
-        ("name: [unclosed\n", "cannot read YAML"),
+        ("name: [unclosed\n", "bad.yaml\", line 2"),
     ],
 )
 def test_submit_rejects_a_bad_spec_before_sending_it_and_says_why(
@@ -83,6 +99,48 @@ def test_the_server_names_a_fleet_problem_the_spec_alone_cannot_show(env, tmp_pa
     assert "HTTP 422: gpus_per_worker: 16 GPUs per worker, but the largest node has 4" in out.output
 
 
+def test_a_gpu_model_the_fleet_never_had_is_refused_unless_it_is_about_to_join(
+    env, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "b200.yaml"
+    spec.write_text("name: b200\nmodel: m\nentrypoint: x\ngpu: {model: B200}\n")
+    out = run(env, "submit", str(spec))
+    assert out.exit_code == 1
+    assert "gpu.model: no node of the fleet has ever had B200 GPUs (the fleet has H100-80GB)" in (
+        out.output
+    )
+    assert "--allow-unknown-model" in out.output
+    accepted = run(env, "submit", "--allow-unknown-model", str(spec))
+    assert accepted.exit_code == 0, accepted.output
+
+
+def test_a_gang_no_site_could_hold_is_refused_unless_capacity_is_about_to_join(
+    env, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "huge.yaml"
+    spec.write_text("name: huge\nmodel: m\nentrypoint: x\nworkers: 1000\n")
+    out = run(env, "submit", str(spec))
+    assert out.exit_code == 1
+    assert "workers: 1000 workers x 1 GPUs, but the largest site can hold 4 such workers" in (
+        out.output
+    )
+    assert run(env, "submit", "--allow-oversize", str(spec)).exit_code == 0
+
+
+def test_the_api_explains_unknown_fields_with_the_nearest_valid_one(env) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    r = httpx.post(
+        f"{env['ANDROMEDA_SERVER']}/v1/jobs",
+        json={"name": "t", "model": "m", "entrypoint": "x", "worker": 2},
+        headers={"Authorization": f"Bearer {env['ANDROMEDA_TOKEN']}"},
+    )
+    assert r.status_code == 422
+    (item,) = r.json()["detail"]
+    assert item["loc"] == ["body", "worker"]
+    assert item["msg"] == "unknown field; did you mean workers?"
+
+
 def test_every_example_job_spec_is_valid(env) -> None:  # type: ignore[no-untyped-def]
     from scheduler.cli.jobs import load_spec
 
@@ -97,6 +155,14 @@ def test_usage_prints_a_table_with_exact_totals(env) -> None:  # type: ignore[no
     out = run(env, "usage", "--by", "provider", token=env["PARTNER"])
     assert out.exit_code == 0, out.output
     assert "(no usage in this window)" in out.output
+    window = run(
+        env, "usage", "--start", "2026-11-01T00:00:00Z", "--end", "2026-12-01", token=env["PARTNER"]
+    )
+    assert "GPU usage [2026-11-01T00:00:00Z .. 2026-12-01T00:00:00Z)" in window.output
+    relative = run(env, "usage", "--start", "7d", token=env["PARTNER"])
+    assert relative.exit_code == 0, relative.output
+    bad = run(env, "usage", "--start", "last tuesday", token=env["PARTNER"])
+    assert bad.exit_code == 2 and "use ISO 8601" in bad.output
     assert "total: 0 GPU-seconds = 0.0000 GPU-hours" in out.output
     denied = run(env, "usage")  # an engineer token may not read provider usage
     assert denied.exit_code == 1 and "HTTP 403" in denied.output
@@ -115,3 +181,32 @@ def test_an_unreachable_server_gives_one_readable_line(tmp_path: Path) -> None:
     )
     assert out.exit_code == 1
     assert "cannot reach http://127.0.0.1:9" in out.output and "andromeda server" in out.output
+
+
+def test_a_local_token_says_which_database_it_was_written_to(tmp_path: Path) -> None:
+    db = tmp_path / "cp.db"
+    out = CliRunner().invoke(
+        cli,
+        ["token", "create", "--local", "--role", "admin", "--name", "ops"],
+        env={"DATABASE_URL": f"sqlite:///{db}"},
+    )
+    assert out.exit_code == 0, out.output
+    assert f"token written to sqlite:///{db}" in out.output
+    assert out.stdout.strip().startswith("andr_") and "\n" not in out.stdout.strip()
+
+
+def test_times_parse_in_every_documented_form() -> None:
+    from datetime import UTC, datetime
+
+    from scheduler.cli.times import fmt_time, parse_when
+
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    assert parse_when("2026-11-01T00:00:00Z") == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_when("2026-11-01T01:00:00+01:00") == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_when("2026-11-01") == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_when("7d", now=now) == datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    assert parse_when("90s", now=now) == datetime(2026, 12, 3, 11, 58, 30, tzinfo=UTC)
+    assert parse_when("now", now=now) == now
+    assert fmt_time(datetime(2026, 11, 1, 1, 2, 3, 999, tzinfo=UTC)) == "2026-11-01T01:02:03Z"
+    with pytest.raises(ValueError, match="not a time"):
+        parse_when("soon")

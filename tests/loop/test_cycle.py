@@ -99,7 +99,9 @@ def test_a_gang_starts_on_the_reserved_provider_and_completes_with_usage(
 
 def test_a_job_that_cannot_fit_waits_with_a_reason(sched, fleet, session_of, clock) -> None:  # type: ignore[no-untyped-def]
     scheduler, _ = sched
-    job_id = _job(session_of, clock, workers=1, gpus_per_worker=4, gpu_model="A100")
+    job_id = _job(
+        session_of, clock, workers=1, gpus_per_worker=4, gpu_model="A100", allow_unknown_model=True
+    )
     report = scheduler.run_cycle()
     assert report.started == []
     reason = _status(session_of, job_id).pending_reason

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from scheduler.sim import (
     load_philly,
     replay,
 )
-from scheduler.sim.philly import gang_shape
+from scheduler.sim.philly import PACKAGED_TRACE, gang_shape
 
 R, C, S = CommitmentLevel.reserved, CommitmentLevel.committed, CommitmentLevel.spot
 ONE_NODE = build_cluster([(1, R, 1)])
@@ -144,16 +143,7 @@ def test_gang_shape_keeps_gpu_counts() -> None:
 
 
 def philly_path() -> Path:
-    env = os.environ.get("ANDROMEDA_PHILLY")
-    path = (
-        Path(env) if env else Path(__file__).parents[2].parent / "shared/traces/philly/philly.csv"
-    )
-    if not path.is_file():
-        pytest.fail(
-            f"Philly trace not found at {path}: set ANDROMEDA_PHILLY to philly.csv "
-            "(see shared/traces/philly/README.md)"
-        )
-    return path
+    return PACKAGED_TRACE
 
 
 @pytest.mark.parametrize("policy", [schedule, fifo_schedule], ids=["andromeda", "fifo"])

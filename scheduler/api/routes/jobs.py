@@ -20,10 +20,27 @@ JobId = Annotated[int, Path(ge=1, le=INT32_MAX, description="the job's id")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail)
-def submit(spec: JobSpec, session: SessionDep, who: PrincipalDep, backend: BackendDep) -> JobDetail:
+def submit(
+    spec: JobSpec,
+    session: SessionDep,
+    who: PrincipalDep,
+    backend: BackendDep,
+    allow_unknown_model: bool = Query(
+        default=False, description="accept a GPU model no node of the fleet has had yet"
+    ),
+    allow_oversize: bool = Query(
+        default=False, description="accept a gang larger than any site can hold today"
+    ),
+) -> JobDetail:
     who.require(Role.engineer)
     job = svc.submit_job(
-        session, spec=spec, owner=who.name, now=utcnow(), scheduler_running=backend is not None
+        session,
+        spec=spec,
+        owner=who.name,
+        now=utcnow(),
+        scheduler_running=backend is not None,
+        allow_unknown_model=allow_unknown_model,
+        allow_oversize=allow_oversize,
     )
     return svc.job_detail(session, job=job)
 
