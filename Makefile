@@ -7,10 +7,11 @@ STAMP  := $(VENV)/.installed
 WITH_TORCH ?= 0
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: help install demo test test-fast bench lint typecheck gpu-check clean
+.PHONY: help install demo demo-repeat test test-fast bench lint typecheck gpu-check clean
 
 help:
-	@echo "make demo       run the whole loop locally (Ray + simulated GPU nodes + SQLite)"
+	@echo "make demo       run the whole loop locally (3 sites of simulated GPU nodes + SQLite)"
+	@echo "make demo-repeat N=20  run the demo N times in a row and report the pass count"
 	@echo "make test       install and run the test suite (needs PostgreSQL at 127.0.0.1:5432)"
 	@echo "make bench      run the benchmarks in bench/ and print their tables"
 	@echo "make lint       ruff + mypy"
@@ -30,6 +31,9 @@ endif
 demo: install
 	$(BIN)/andromeda demo
 
+demo-repeat: install
+	scripts/demo_repeat.sh $(or $(N),20)
+
 test: install
 	$(BIN)/python -m pytest
 
@@ -38,7 +42,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/bench_policy.py
-	$(BIN)/python bench/bench_ray_backend.py
+	$(BIN)/python bench/bench_sites.py
 	$(BIN)/python bench/bench_heartbeat.py
 
 lint: install

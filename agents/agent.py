@@ -1,9 +1,12 @@
-"""The node agent: registers this host's GPUs with the control plane, keeps its Ray worker
-running with the right labels, and heartbeats health and utilisation.
+"""The node agent: registers this host's GPUs with the control plane, keeps its Ray node
+running with the right labels, and heartbeats health and utilisation. On a site's head
+host (``--head``) it also starts the site's Ray head and runs the site's agent
+(``agents/site/agent.py``), which pulls the site's work and runs it on that cluster.
 
 While the server is unreachable the agent keeps sampling and retries with backoff; the
 server marks the node lost after ``node_lost_after_s`` without heartbeats and gives it no
-new work until heartbeats resume. (A durable spool of samples comes with the evidence work.)
+new work until heartbeats resume. Work already running is not the agent's: it runs in Ray
+and survives the agent's own restart (kill -9 included), which adopts the Ray node again.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from agents.gpu import GpuReader, SimulatedReader
-from agents.raynode import RayNode
+from agents.raynode import RayNode, ensure_token, token_env
 from scheduler.client import ApiClient, ApiError
 from scheduler.schemas import GpuReport, GpuSampleIn, Heartbeat, NodeRegister, NodeRegistered
+
+if TYPE_CHECKING:
+    from agents.site.agent import SiteAgent
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +34,51 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class AgentOptions:
     node_name: str
+    data_dir: Path
+    site: str | None = None
     level: str | None = None
-    ray_address: str | None = None
+    ray: Literal["head", "worker"] | None = None  # None: Ray is managed elsewhere (KubeRay)
+    ray_address: str | None = None  # a worker's head (host:port)
+    ray_port: int = 6380  # a head's GCS port
+    ray_token_file: Path | None = None  # default: <data_dir>/ray-token (created by a head)
     ray_num_cpus: int | None = None
-    ray_log: Path | None = None
+    ray_temp_dir: Path | None = None
     heartbeat_interval_s: float | None = None  # None: what the server asks for
+    checkpoint_root: Path | None = None  # default: <data_dir>/checkpoints
+
+    @property
+    def token_file(self) -> Path:
+        return self.ray_token_file or self.data_dir / "ray-token"
 
 
 class Agent:
-    def __init__(self, client: ApiClient, reader: GpuReader, options: AgentOptions) -> None:
+    def __init__(
+        self,
+        client: ApiClient,
+        reader: GpuReader,
+        options: AgentOptions,
+        *,
+        site_client: Callable[[], ApiClient] | None = None,
+        restore_signals: Callable[[], None] | None = None,
+    ) -> None:
         self.client = client
         self.reader = reader
         self.options = options
+        self.site_client = site_client
+        # Ray's core worker installs its own SIGTERM handler (it logs a stack and exits) when
+        # the site's agent connects; the main thread puts ours back so a stop is clean.
+        self.restore_signals = restore_signals
         self.registration: NodeRegistered | None = None
         self.ray: RayNode | None = None
+        self.site_agent: SiteAgent | None = None
         self.stop_event = threading.Event()
+        self._site_thread: threading.Thread | None = None
 
     def registration_body(self) -> NodeRegister:
         inventory = self.reader.inventory()
         return NodeRegister(
             name=self.options.node_name,
+            site=self.options.site,
             hostname=socket.gethostname(),
             level=self.options.level,  # type: ignore[arg-type]
             cpu_count=os.cpu_count() or 0,
@@ -69,7 +101,11 @@ class Agent:
         while True:
             try:
                 self.registration = self.client.register_node(self.registration_body())
-                log.info("registered node %s", self.options.node_name)
+                log.info(
+                    "registered node %s in site %s",
+                    self.options.node_name,
+                    self.registration.node.site,
+                )
                 return self.registration
             except ConnectionError as exc:
                 log.warning("server unreachable (%s); retrying in %.0fs", exc, delay)
@@ -81,27 +117,68 @@ class Agent:
                 raise InterruptedError("stopped before registering")
             delay = min(delay * 2, 30.0)
 
+    # --- Ray ------------------------------------------------------------------------------
     def start_ray(self) -> None:
-        if self.options.ray_address is None or self.registration is None:
+        """Adopt the Ray node a previous agent left running, or start one."""
+        opts = self.options
+        if opts.ray is None or self.registration is None:
             return
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+        token = ensure_token(opts.token_file) if opts.ray == "head" else opts.token_file
+        if opts.ray == "worker" and not token.is_file():
+            raise FileNotFoundError(
+                f"the site's Ray token is not at {token}: copy it from the head host "
+                "(--ray-token-file)"
+            )
         self.ray = RayNode(
-            address=self.options.ray_address,
+            address=opts.ray_address if opts.ray == "worker" else None,
+            token_file=token,
             labels=self.registration.ray_labels,
             num_gpus=len(self.registration.node.gpus),
-            num_cpus=self.options.ray_num_cpus,
-            log_path=self.options.ray_log,
+            num_cpus=opts.ray_num_cpus,
+            head_port=opts.ray_port,
+            temp_dir=opts.ray_temp_dir,
+            log_path=opts.data_dir / "ray.log",
+            pid_file=opts.data_dir / "ray.pid",
         )
-        self.ray.start()
+        if not self.ray.adopt():
+            self.ray.start()
 
-    def ray_joined(self) -> bool:
-        if self.options.ray_address is None:
-            return True  # the Ray worker is managed outside the agent (KubeRay, ray start)
-        return self.ray is not None and self.ray.alive()
+    def start_site_agent(self) -> None:
+        """On the head host: the site's agent, in a thread of this process."""
+        if self.options.ray != "head" or self.registration is None or self.ray is None:
+            return
+        from agents.site.agent import SiteAgent
+        from agents.site.launcher import SiteLauncher
 
+        os.environ.update(token_env(self.options.token_file))  # this process drives Ray
+        site = self.registration.node.site
+        data = self.options.data_dir
+        launcher = SiteLauncher(
+            self.ray.gcs_address,
+            site,
+            scratch_root=data / "scratch",
+            checkpoint_root=self.options.checkpoint_root or data / "checkpoints",
+        )
+        client = self.site_client() if self.site_client else self.client
+        agent = SiteAgent(client, site, launcher, package_dir=data / "packages")
+        agent.stop_event = self.stop_event
+        self.site_agent = agent
+
+        def _serve() -> None:
+            try:
+                agent.run()
+            except Exception:
+                log.exception("the site agent stopped")
+                self.stop_event.set()
+
+        self._site_thread = threading.Thread(target=_serve, name="site-agent", daemon=True)
+        self._site_thread.start()
+
+    # --- heartbeats -------------------------------------------------------------------------
     def heartbeat_once(self) -> None:
         samples = self.reader.sample()
         body = Heartbeat(
-            ray_joined=self.ray_joined(),
             gpus=[
                 GpuSampleIn(
                     uuid=s.uuid,
@@ -134,17 +211,23 @@ class Agent:
         return float(self.registration.heartbeat_interval_s if self.registration else 10)
 
     def run(self) -> None:
-        """Register, start Ray, then heartbeat until ``stop_event`` is set."""
+        """Register, start (or adopt) Ray and the site's agent, heartbeat until stopped."""
         self.register()
         try:
             self.start_ray()
+            self.start_site_agent()
+            restored = False
             while not self.stop_event.is_set():
+                if not restored and self.site_agent and self.site_agent.connected.is_set():
+                    restored = True
+                    if self.restore_signals is not None:
+                        self.restore_signals()
                 if self.ray is not None and not self.ray.alive() and not self.stop_event.is_set():
-                    log.warning("Ray worker is down; restarting it")
+                    log.warning("the Ray node is down; restarting it")
                     try:
                         self.ray.start()
                     except Exception as exc:
-                        log.error("Ray worker restart failed: %s", exc)
+                        log.error("Ray node restart failed: %s", exc)
                 try:
                     self.heartbeat_once()
                 except ConnectionError as exc:
@@ -159,6 +242,9 @@ class Agent:
                     log.exception("heartbeat failed")
                 self.stop_event.wait(self.interval())
         finally:
+            self.stop_event.set()
+            if self._site_thread is not None:
+                self._site_thread.join(30)
             if self.ray is not None:
                 self.ray.stop()
             self.reader.close()

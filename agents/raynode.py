@@ -1,27 +1,31 @@
-"""Starts and supervises this host's Ray worker node, labelled for the control plane.
+"""Starts and supervises this host's Ray node: a site's head, or a worker joining it.
 
 The agent runs ``ray start --block`` as a child in its own process group, with the labels
-the server returned at registration, and this host's GPU count as Ray's ``GPU`` resource.
-Nothing here imports ``ray``: the worker is a separate process, as it would be on a real
-provider host.
+the control plane returned at registration, this host's GPU count as Ray's ``GPU``
+resource, and Ray's token authentication on (``RAY_AUTH_MODE=token``, the site's token in
+a file only the agent's user can read). Nothing here imports ``ray``: the node is a
+separate process, as it is on a real provider host, and whether it has joined the
+cluster is read from Ray itself by the site's agent (``ray.nodes()``), not from its output.
+
+The process id is kept in ``pid_file``: an agent that restarts (after a crash, an upgrade)
+adopts the Ray node still running instead of starting a second one, so the work on it
+goes on undisturbed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from scheduler.processes import stop_group
+from scheduler.processes import stop_via_leader
 
 log = logging.getLogger(__name__)
-
-STARTED_MARKER = "Ray runtime started"
 
 
 class RayNodeError(Exception):
@@ -38,34 +42,59 @@ def ray_executable() -> str:
     return found
 
 
+def ensure_token(path: Path) -> Path:
+    """The site's Ray token file, created (random, mode 0600) if it does not exist yet."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def token_env(token_file: Path) -> dict[str, str]:
+    """The environment that makes a Ray process (node or driver) use the site's token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
 class RayNode:
     """One ``ray start --block`` process: a worker joining ``address``, or a head when
-    ``address`` is None (the demo and the tests start their local head this way)."""
+    ``address`` is None."""
 
     def __init__(
         self,
         *,
         address: str | None,
+        token_file: Path | None,
         labels: dict[str, str] | None = None,
         num_gpus: int = 0,
         num_cpus: int | None = None,
         head_port: int = 6380,
         object_store_bytes: int = 100 * 1024 * 1024,
+        temp_dir: Path | None = None,
         log_path: Path | None = None,
+        pid_file: Path | None = None,
     ) -> None:
         self.address = address
+        self.token_file = token_file
         self.labels = labels or {}
         self.num_gpus = num_gpus
         self.num_cpus = num_cpus
         self.head_port = head_port
         self.object_store_bytes = object_store_bytes
+        self.temp_dir = temp_dir
         self.log_path = log_path
-        self._proc: subprocess.Popen[str] | None = None
-        self._started = threading.Event()
+        self.pid_file = pid_file
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._adopted_pid: int | None = None
 
     @property
     def gcs_address(self) -> str:
         return self.address or f"127.0.0.1:{self.head_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else self._adopted_pid
 
     def command(self) -> list[str]:
         cmd = [
@@ -84,59 +113,83 @@ class RayNode:
             cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
+        if self.temp_dir is not None:
+            cmd.append(f"--temp-dir={self.temp_dir}")
         return cmd
 
-    def start(self, timeout_s: float = 120.0) -> None:
-        """Start the worker and wait until Ray says it joined the cluster."""
-        self._started.clear()
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        if self.token_file is not None:
+            env.update(token_env(self.token_file))
+        return env
+
+    def adopt(self) -> bool:
+        """Take over the Ray node a previous agent started, if it is still running."""
+        if self.pid_file is None or not self.pid_file.is_file():
+            return False
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except ValueError:
+            return False
+        if not _is_ray_start(pid):
+            return False
+        self._adopted_pid = pid
+        log.info("adopted the Ray node already running (pid %d)", pid)
+        return True
+
+    def start(self, settle_s: float = 1.0) -> None:
+        """Start the node; fails if ``ray start`` exits at once (a bad address, no token).
+        Whether it joined is for Ray to say (the site's agent asks it), not its output."""
         cmd = self.command()
-        log.info("starting Ray worker: %s", " ".join(cmd))
+        log.info("starting Ray %s: %s", "head" if self.address is None else "node", " ".join(cmd))
         # (Ray's raylet-subreaper option would also reap orphans, but it makes workers
         # ignore SIGCHLD, and then every entrypoint's exit code reads as 0.)
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-        self._proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            env=env,
-        )
-        threading.Thread(target=self._pump, args=(self._proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not self._started.wait(0.2):
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self.env(),
+            )
+        finally:
+            if self.log_path:
+                out.close()  # type: ignore[union-attr]
+        self._adopted_pid = None
+        if self.pid_file is not None:
+            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            self.pid_file.write_text(str(self._proc.pid))
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RayNodeError(
                     f"ray start exited with code {self._proc.returncode}"
                     + (f"; see {self.log_path}" if self.log_path else "")
                 )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RayNodeError(f"Ray did not start at {self.gcs_address} in {timeout_s:.0f}s")
-        log.info("Ray node up at %s with labels %s", self.gcs_address, self.labels)
-
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        out = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if out:
-                    out.write(line)
-                    out.flush()
-                if STARTED_MARKER in line:
-                    self._started.set()
-        finally:
-            if out:
-                out.close()
+            time.sleep(0.1)
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None and self._started.is_set()
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._adopted_pid is not None and _is_ray_start(self._adopted_pid)
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """Stop ``ray start`` and every process of its group (raylet, workers), even when
-        ``ray start`` itself has already exited and left them behind."""
-        proc = self._proc
-        if proc is None:
+        """Stop ``ray start`` (it drains and stops the node's Ray processes itself), then
+        kill whatever of its group is left, also when ``ray start`` had already exited."""
+        pid = self.pid
+        if pid is None:
             return
-        stop_group(proc, grace_s)
+        stop_via_leader(pid, grace_s, reap=self._proc)
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
         log.info("Ray node stopped")
+
+
+def _is_ray_start(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(part.endswith(b"ray") for part in cmdline[:3]) and b"start" in cmdline

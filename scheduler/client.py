@@ -20,6 +20,9 @@ from scheduler.schemas import (
     NodePublic,
     NodeRegister,
     NodeRegistered,
+    SiteAssignments,
+    SiteReport,
+    SiteReportResult,
     UsageReport,
 )
 
@@ -38,6 +41,13 @@ def format_detail(detail: Any) -> str:
     if isinstance(detail, list):
         return format_errors(d if isinstance(d, dict) else {"msg": str(d)} for d in detail)
     return str(detail)
+
+
+def _detail(response: httpx.Response) -> Any:
+    try:
+        return response.json().get("detail", response.text)
+    except ValueError:
+        return response.text or response.reason_phrase
 
 
 class ApiClient:
@@ -69,12 +79,10 @@ class ApiClient:
         except httpx.TransportError as exc:
             raise ConnectionError(f"cannot reach {self._http.base_url}: {exc}") from exc
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise ApiError(response.status_code, detail)
-        return response.json() if response.content else None
+            raise ApiError(response.status_code, _detail(response))
+        if method == "HEAD" or not response.content:
+            return None
+        return response.json()
 
     # --- jobs -------------------------------------------------------------------------------
     def submit(
@@ -128,6 +136,48 @@ class ApiClient:
         return NodePublic.model_validate(
             self.request("POST", f"/v1/nodes/{name}/status", json=body)
         )
+
+    # --- sites and packages -----------------------------------------------------------------
+    def site_assignments(self, site: str, *, after: int = -1, wait: float = 0) -> SiteAssignments:
+        """A long poll when ``wait`` > 0: answers once the version exceeds ``after``."""
+        data = self.request(
+            "GET",
+            f"/v1/sites/{site}/assignments",
+            params={"after": after, "wait": wait},
+            timeout=wait + 30,
+        )
+        return SiteAssignments.model_validate(data)
+
+    def site_report(self, site: str, report: SiteReport) -> SiteReportResult:
+        data = self.request("POST", f"/v1/sites/{site}/report", json=report.model_dump(mode="json"))
+        return SiteReportResult.model_validate(data)
+
+    def package_exists(self, sha256: str) -> bool:
+        try:
+            self.request("HEAD", f"/v1/packages/{sha256}")
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return True
+
+    def upload_package(self, sha256: str, data: bytes) -> None:
+        self.request(
+            "PUT",
+            f"/v1/packages/{sha256}",
+            content=data,
+            headers={"content-type": "application/zip"},
+            timeout=300,
+        )
+
+    def download_package(self, sha256: str) -> bytes:
+        try:
+            response = self._http.get(f"/v1/packages/{sha256}", timeout=300)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"cannot reach {self._http.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, _detail(response))
+        return response.content
 
     # --- usage, providers, tokens ----------------------------------------------------------
     def usage(self, *, start: datetime | None = None, end: datetime | None = None) -> UsageReport:

@@ -1,7 +1,8 @@
 """Settings of the control-plane process: one class, read once, passed in.
 
 Every value can be set by an environment variable with the ``ANDROMEDA_`` prefix, except
-``DATABASE_URL`` and ``RAY_ADDRESS`` which keep their conventional names.
+``DATABASE_URL``, which keeps its conventional name. The control plane needs no Ray: each
+site's agent runs the work on the site's own Ray cluster.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "ANDROMEDA_DATABASE_URL"),
         description="SQLAlchemy URL; sqlite:///path (embedded default) or postgresql+psycopg://...",
     )
-    ray_address: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("RAY_ADDRESS", "ANDROMEDA_RAY_ADDRESS"),
-        description="Address of the Ray cluster (host:port of the GCS). None disables the loop.",
-    )
     host: str = "127.0.0.1"
     port: int = Field(default=8700, ge=1, le=65535)
     scheduler_enabled: bool = True
     scheduler_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_interval_s: int = Field(default=10, ge=1)
     node_lost_after_s: int = Field(default=45, ge=2)
-    log_tail_bytes: int = Field(default=64_000, ge=1_000)
+    site_report_interval_s: float = Field(
+        default=5.0, gt=0, description="how often a site's agent reports when nothing changes"
+    )
+    package_max_bytes: int = Field(
+        default=100 * 2**20, ge=1024, description="largest code package a job may upload"
+    )

@@ -4,6 +4,7 @@ AndromedaError
 ├── ValidationFailed   422  input is well-formed but wrong (names the field)
 ├── NotFound           404
 ├── Conflict           409  the state does not allow it (already finished, name taken)
+├── TooLarge           413  a request body over its documented limit
 ├── Unauthenticated    401  no token, or an unknown or revoked one
 └── Forbidden          403  the token's role or provider may not do this
 """
@@ -42,3 +43,7 @@ class Unauthenticated(AndromedaError):
 
 class Forbidden(AndromedaError):
     status_code = 403
+
+
+class TooLarge(AndromedaError):
+    status_code = 413

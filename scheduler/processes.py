@@ -36,3 +36,19 @@ def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_s: f
         time.sleep(0.1)
     signal_group(proc.pid, signal.SIGKILL)
     proc.poll()
+
+
+def stop_via_leader(pid: int, grace_s: float, reap: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM only the group's leader (which shuts its children down itself, as
+    ``ray start --block`` does), SIGKILL the whole group if anything is left after
+    ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and group_alive(pid):
+        if reap is not None:
+            reap.poll()
+        time.sleep(0.1)
+    signal_group(pid, signal.SIGKILL)
+    if reap is not None:
+        reap.poll()

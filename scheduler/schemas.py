@@ -4,8 +4,9 @@ the agent so both ends of a call validate the same shapes."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from scheduler.domain.enums import (
     CommitmentLevel,
@@ -87,6 +88,12 @@ class GpuReport(_In):
 
 class NodeRegister(_In):
     name: str = Field(pattern=NAME_RE, description="unique node name; also its Ray label")
+    site: str | None = Field(
+        default=None,
+        pattern=NAME_RE,
+        description="the site (Ray cluster) the node belongs to; may be omitted if the "
+        "provider has one site",
+    )
     hostname: str = Field(default="", max_length=255)
     level: CommitmentLevel | None = Field(
         default=None, description="commitment level; may be omitted if the provider has one"
@@ -109,7 +116,6 @@ class GpuSampleIn(_In):
 
 
 class Heartbeat(_In):
-    ray_joined: bool = False
     gpus: list[GpuSampleIn] = Field(default_factory=list, max_length=64)
 
 
@@ -126,6 +132,7 @@ class GpuPublic(BaseModel):
 class NodePublic(BaseModel):
     name: str
     provider: str
+    site: str
     level: CommitmentLevel
     status: NodeStatus
     status_reason: str | None
@@ -157,10 +164,17 @@ class WorkerPublic(BaseModel):
 class AllocationPublic(BaseModel):
     id: int
     provider: str
+    site: str
+    phase: Literal["starting", "running", "stopping", "ended"] = Field(
+        description="starting: the site is reserving or launching; running: every worker "
+        "runs (GPU-seconds count from running_at); stopping: asked to stop; ended"
+    )
     started_at: datetime
+    running_at: datetime | None
     ended_at: datetime | None
     end_reason: EndReason | None
     error: str | None
+    failed_rank: int | None
     gpu_seconds: int | None
     workers: list[WorkerPublic]
 
@@ -209,3 +223,119 @@ class UsageReport(BaseModel):
     end: datetime
     rows: list[UsageRow]
     total_gpu_seconds: int
+
+
+# --- sites: the pull protocol between the control plane and each site's agent ---------------
+class SiteCreate(_In):
+    name: str = Field(pattern=NAME_RE, description="unique site name")
+
+
+class SitePublic(BaseModel):
+    name: str
+    provider: str
+    assignments_version: int
+    applied_version: int
+    last_seen_at: datetime | None
+    nodes: int
+
+
+class WorkerAssignment(BaseModel):
+    rank: int
+    node: str
+    gpu_uuids: list[str]
+    local_rank: int
+
+
+class Assignment(BaseModel):
+    """One allocation a site must run (``action: run``) or stop (``action: stop``)."""
+
+    allocation_id: int
+    job_id: int
+    job_name: str
+    action: Literal["run", "stop"]
+    entrypoint: str
+    env: dict[str, str]
+    workers: list[WorkerAssignment]
+    package_sha256: str | None = Field(description="code to fetch from /v1/packages")
+    working_dir: str | None = Field(description="a directory on the site's hosts")
+    checkpoint_uri: str | None
+    stop_deadline_at: datetime | None = None
+    stop_reason: EndReason | None = None
+
+
+class SiteAssignments(BaseModel):
+    site: str
+    version: int
+    assignments: list[Assignment]
+    report_interval_s: float
+
+
+MAX_LOG_CHARS = 64_000
+
+
+class SiteEvent(_In):
+    """A fact about one allocation, sent until acknowledged; its key makes a resend harmless.
+
+    - ``started``: every worker of the gang runs (``at``: when the last one started);
+    - ``finished``: every worker exited by itself (``exit_codes`` per rank);
+    - ``lost``: workers died without exiting (their node or process died) or Ray never
+      placed the gang (``error`` says which);
+    - ``stopped``: the workers were stopped as asked and the resources freed.
+    """
+
+    allocation_id: int = Field(ge=1, le=INT32_MAX)
+    kind: Literal["started", "finished", "lost", "stopped"]
+    at: AwareDatetime
+    exit_codes: dict[int, int] = Field(default_factory=dict, max_length=1024)
+    error: str | None = Field(default=None, max_length=2000)
+    failed_rank: int | None = Field(default=None, ge=0, description="the rank that failed first")
+    logs: dict[int, str] = Field(default_factory=dict, max_length=1024)
+
+    @property
+    def key(self) -> str:
+        return f"{self.allocation_id}:{self.kind}"
+
+    @field_validator("logs", mode="before")
+    @classmethod
+    def _printable_logs(cls, v: Any) -> Any:
+        return _clean_tails(v)
+
+
+class SiteReport(_In):
+    """What a site's agent sees: events, the allocations it holds, the Ray nodes alive."""
+
+    applied_version: int = Field(ge=0, description="the assignments version acted on")
+    active: list[int] = Field(
+        default_factory=list, max_length=100_000, description="allocations it holds"
+    )
+    events: list[SiteEvent] = Field(default_factory=list, max_length=10_000)
+    ray_nodes: list[str] | None = Field(
+        default=None, max_length=100_000, description="node names Ray reports alive"
+    )
+    logs: dict[int, dict[int, str]] = Field(
+        default_factory=dict, max_length=10_000, description="allocation -> rank -> live tail"
+    )
+    agent: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("logs", mode="before")
+    @classmethod
+    def _printable_logs(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: _clean_tails(tails) for k, tails in v.items()}
+        return v
+
+
+def _clean_tails(v: Any) -> Any:
+    """A program's output is what it is: NUL made printable (PostgreSQL text cannot hold it)
+    and only the last ``MAX_LOG_CHARS`` kept, never a reason to refuse a site's report."""
+    if not isinstance(v, dict):
+        return v
+    return {
+        rank: text[-MAX_LOG_CHARS:].replace("\x00", "\ufffd") if isinstance(text, str) else text
+        for rank, text in v.items()
+    }
+
+
+class SiteReportResult(BaseModel):
+    accepted: list[str] = Field(description="event keys recorded now or before")
+    version: int

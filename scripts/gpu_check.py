@@ -1,11 +1,11 @@
 """Everything only a real GPU can show, in one run, ending in a short table:
 
 1. the NVML reader on the real GPUs: inventory, health, one sample, and what each call costs;
-2. the whole loop on real hardware: a Ray head, the control plane, an agent reading NVML
-   (no --simulate) that joins Ray with its node's labels, the scheduler placing
-   examples/jobs/gpu-smoke.yaml on that node, the job multiplying bf16 matrices on the GPU
-   the scheduler chose, the agent's heartbeats seeing the GPU busy, and the GPU-seconds in
-   the ledger.
+2. the whole loop on real hardware: the control plane, an agent reading NVML (no
+   --simulate) that starts its site's Ray head with its node's labels, the scheduler placing
+   examples/gpu/gpu-smoke.yaml on that node, the site's agent pulling it and running it,
+   the job multiplying bf16 matrices on the GPU the scheduler chose, the agent's heartbeats
+   seeing the GPU busy, and the GPU-seconds in the ledger.
 
 Run through scripts/gpu_check.sh on the device machine. `--simulate SPEC` runs the same
 flow on a machine without GPUs (the job then fails for lack of CUDA, which the table shows).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.gpu import GpuReaderError, NvmlReader, SimulatedReader  # noqa: E402
-from scheduler.cli.jobs import load_spec  # noqa: E402
+from scheduler.cli.jobs import load_spec, ship_code  # noqa: E402
 from scheduler.cli.localstack import LocalStack  # noqa: E402
 from scheduler.client import ApiClient  # noqa: E402
 from scheduler.domain.enums import Role  # noqa: E402
@@ -70,8 +71,8 @@ def check_loop(simulate: str | None, data_dir: Path) -> None:
     stack = LocalStack(data_dir, say=say)
     try:
         stack.start()
-        token = stack.add_provider("gpu-lab", "GPU lab", "reserved")
-        stack.start_agent("gpu-node-1", token, simulate=simulate, ray_cpus=4)
+        token = stack.add_provider("gpu-lab", "GPU lab", "reserved", site="gpu-lab")
+        stack.start_agent("gpu-node-1", token, site="gpu-lab", simulate=simulate, ray_cpus=4)
         node = stack.admin.nodes()[0]  # type: ignore[union-attr]
         rows.append(
             (
@@ -81,7 +82,9 @@ def check_loop(simulate: str | None, data_dir: Path) -> None:
             )
         )
         eng = ApiClient(stack.server_url, stack.token(Role.engineer, "gpu-check"))
-        job = eng.submit(load_spec(REPO / "examples/jobs/gpu-smoke.yaml"))
+        spec = load_spec(REPO / "examples/gpu/gpu-smoke.yaml")
+        ship_code(eng, spec, say=say)
+        job = eng.submit(spec)
         peak = {"util": 0}
         done = threading.Event()
 
@@ -124,8 +127,9 @@ def check_loop(simulate: str | None, data_dir: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulate", help="dry run without GPUs, e.g. 1xH100-80GB")
-    parser.add_argument("--data-dir", type=Path, default=Path("/tmp/andromeda-gpu-check"))
+    parser.add_argument("--data-dir", type=Path, help="scratch folder [default: a new temp dir]")
     args = parser.parse_args()
+    args.data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="andromeda-gpu-check-"))
     count = check_nvml(args.simulate)
     if count:
         check_loop(args.simulate, args.data_dir)

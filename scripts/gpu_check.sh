@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
+  site=$(mktemp -d -t andromeda-site-XXXXXX)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-  export PATH=/tmp/site/bin:$PATH
+    --target "$site" .whl/*.whl
+  export PYTHONPATH=$site:${PYTHONPATH:-}
+  export PATH=$site/bin:$PATH
 fi
 export PYTHONUNBUFFERED=1
-out=${OUT:-/tmp}
+out=${OUT:-$(mktemp -d -t andromeda-gpu-check-out-XXXXXX)}
 python3 scripts/gpu_check.py "$@" 2>&1 | tee "$out/gpu_check.txt"

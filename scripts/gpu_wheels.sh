@@ -11,7 +11,8 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 pkgs=(ray==2.60.0 jsonschema jsonschema-specifications referencing rpds-py
       sqlmodel sqlalchemy alembic mako fastapi starlette "uvicorn[standard]" uvicorn httptools
-      pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection)
+      pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
+      pathspec)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plat[@]}" -d .whl "${pkgs[@]}"
 ray_whl=$(ls .whl/ray-*.whl)

@@ -8,6 +8,7 @@ it). The Ray cluster fixtures live in tests/ray_cluster.py.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -112,6 +113,7 @@ class LiveServer:
     """The real app under uvicorn in a thread, on a free local port."""
 
     def __init__(self, app, port: int) -> None:  # type: ignore[no-untyped-def]
+        self.app = app
         self.url = f"http://127.0.0.1:{port}"
         config = uvicorn.Config(
             app,
@@ -135,6 +137,7 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.app.state.notifier.close()  # answer long polls now, as `andromeda server` does
         self.server.should_exit = True
         self.thread.join(20)
 
@@ -154,7 +157,7 @@ def server(engine: Engine, db_url: str, _servers: dict[str, LiveServer]) -> Live
     from scheduler.config import Settings
 
     if db_url not in _servers:
-        settings = Settings(database_url=db_url, scheduler_enabled=False, ray_address=None)
+        settings = Settings(database_url=db_url, scheduler_enabled=False)
         _servers[db_url] = LiveServer(create_app(settings, engine=engine), free_port()).__enter__()
     return _servers[db_url]
 
@@ -210,52 +213,78 @@ def session_of(engine: Engine):  # type: ignore[no-untyped-def]
     return lambda: session_scope(engine)
 
 
-# --- one local Ray cluster per test session ----------------------------------------------
-RAY_NODES = {  # node name -> (provider, GPUs); the nodes carry the labels agents would set
-    "ray-a": ("orion", 2),
-    "ray-b": ("orion", 2),
-    "ray-c": ("vega", 4),
+# --- one real site (a local Ray cluster with token auth) per test session -----------------
+RAY_NODES = {  # node name -> GPUs; one site, "orion"; the nodes carry the labels agents set
+    "ray-a": 2,
+    "ray-b": 2,
+    "ray-c": 4,
 }
+SITE = "orion"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray head and three labelled worker nodes with simulated GPUs; yields the address."""
-    from agents.raynode import RayNode
+def ray_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """A site's Ray cluster: a head (``ray-a``) and two labelled worker nodes, simulated
+    GPUs, token authentication on. Yields its address, token file and scratch folders."""
+    from agents.raynode import RayNode, ensure_token, token_env
     from scheduler.domain.labels import node_labels
 
-    logs = tmp_path_factory.mktemp("ray-logs")
-    head = RayNode(address=None, head_port=free_port(), num_cpus=1, log_path=logs / "head.log")
-    head.start()
-    workers = []
+    root = tmp_path_factory.mktemp("site")
+    token = ensure_token(root / "ray-token")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="andr-test-"))
+    nodes = []
     try:
-        for name, (provider, gpus) in RAY_NODES.items():
-            level = "spot" if provider == "vega" else "reserved"
-            worker = RayNode(
-                address=head.gcs_address,
+        for i, (name, gpus) in enumerate(RAY_NODES.items()):
+            head = i == 0
+            node = RayNode(
+                address=None if head else nodes[0].gcs_address,
+                token_file=token,
+                head_port=free_port(),
                 num_gpus=gpus,
                 num_cpus=2,
-                labels=node_labels(node=name, provider=provider, level=level),
-                log_path=logs / f"{name}.log",
+                labels=node_labels(node=name, provider="orion", site=SITE, level="reserved"),
+                temp_dir=ray_tmp / name,
+                log_path=root / f"{name}.log",
             )
-            worker.start()
-            workers.append(worker)
-        yield head.gcs_address
+            node.start()
+            nodes.append(node)
+        os.environ.update(token_env(token))  # this process drives the site's Ray
+        yield {
+            "address": nodes[0].gcs_address,
+            "token": token,
+            "scratch": root / "scratch",
+            "checkpoints": root / "checkpoints",
+        }
     finally:
         try:
             import ray
 
             ray.shutdown()
         finally:
-            for worker in workers:
-                worker.stop()
-            head.stop()
+            for node in reversed(nodes):
+                node.stop(grace_s=10)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def ray_backend(ray_cluster: str):  # type: ignore[no-untyped-def]
-    from scheduler.backends.ray_backend import RayBackend
+def launcher(ray_site: dict[str, object]):  # type: ignore[no-untyped-def]
+    """The site launcher connected to the session's site; waits until Ray has every node."""
+    from agents.site.launcher import SiteLauncher
 
-    backend = RayBackend(ray_cluster, reserve_timeout_s=60)
-    yield backend
-    backend.close()
+    site = SiteLauncher(
+        str(ray_site["address"]),
+        SITE,
+        scratch_root=ray_site["scratch"],  # type: ignore[arg-type]
+        checkpoint_root=ray_site["checkpoints"],  # type: ignore[arg-type]
+        reserve_timeout_s=60,
+        missing_node_grace_s=3,
+    )
+    site.connect()
+    deadline = time.monotonic() + 60
+    while set(site.alive_nodes()) != set(RAY_NODES):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Ray has only {site.alive_nodes()} of {sorted(RAY_NODES)}")
+        time.sleep(0.5)
+    yield site
+    for alloc in site.active():
+        site.stop(alloc, grace_s=2)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from sqlmodel import Session
 
-from scheduler.db.models import Job, Node, Provider
+from scheduler.db.models import Job, Node, Provider, Site
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import CommitmentLevel, PriorityClass, Role
 from scheduler.domain.jobspec import JobSpec
@@ -14,6 +14,7 @@ from scheduler.schemas import GpuReport, NodeRegister
 from scheduler.services.jobs import submit_job
 from scheduler.services.nodes import register_node
 from scheduler.services.providers import add_agreement, create_provider
+from scheduler.services.sites import create_site
 from scheduler.services.tokens import create_token
 
 H100 = ("NVIDIA H100 80GB HBM3", 85_520_809_984)
@@ -26,11 +27,15 @@ def provider(
     level: CommitmentLevel = CommitmentLevel.reserved,
     *,
     starts_at: datetime | None = None,
+    sites: tuple[str, ...] | None = None,
 ) -> Provider:
+    """A provider with one agreement and its sites (default: one site named after it)."""
     p = create_provider(session, name=name)
     add_agreement(
         session, provider=p, level=level, starts_at=starts_at or datetime(2020, 1, 1, tzinfo=UTC)
     )
+    for site_name in sites if sites is not None else (name,):
+        create_site(session, provider=p, name=site_name)
     return p
 
 
@@ -43,9 +48,13 @@ def node(
     *,
     now: datetime | None = None,
     ray_joined: bool = True,
+    site: str | None = None,
 ) -> Node:
+    """A registered node; ``ray_joined`` stands for its site's agent reporting its Ray
+    worker alive, and the site's agent is marked as seen ``now``."""
     body = NodeRegister(
         name=name,
+        site=site,
         hostname=name,
         gpus=[
             GpuReport(uuid=f"GPU-{name}-{i}", index=i, name=kind[0], memory_total_bytes=kind[1])
@@ -53,9 +62,13 @@ def node(
         ],
     )
     assert prov.id is not None
-    n = register_node(session, provider_id=prov.id, body=body, now=now or utcnow())
+    when = now or utcnow()
+    n = register_node(session, provider_id=prov.id, body=body, now=when)
     n.ray_joined = ray_joined
-    session.add(n)
+    site_row = session.get(Site, n.site_id)
+    assert site_row is not None
+    site_row.last_seen_at = when
+    session.add_all([n, site_row])
     session.flush()
     return n
 

@@ -1,7 +1,12 @@
-"""The FastAPI application and, when a Ray address is set, the scheduler loop beside it."""
+"""The FastAPI application and, unless disabled, the scheduler loop beside it.
+
+The control plane imports no Ray and runs no job: sites pull their work
+(``scheduler/api/routes/sites.py``), so a restart of this process stops nothing that runs.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,8 +17,8 @@ from sqlalchemy.engine import Engine
 
 from scheduler import __version__
 from scheduler.api import errors
-from scheduler.api.routes import admin, jobs, nodes, usage
-from scheduler.backends.base import ExecutionBackend
+from scheduler.api.notify import Changes, SiteNotifier
+from scheduler.api.routes import admin, jobs, nodes, packages, sites, usage
 from scheduler.config import Settings
 from scheduler.db.engine import make_engine
 from scheduler.loop.cycle import Scheduler, SchedulerThread
@@ -21,39 +26,33 @@ from scheduler.loop.cycle import Scheduler, SchedulerThread
 log = logging.getLogger(__name__)
 
 
-def create_app(
-    settings: Settings,
-    *,
-    engine: Engine | None = None,
-    backend: ExecutionBackend | None = None,
-) -> FastAPI:
-    """Build the app. The scheduler loop runs only when a backend is given or
-    ``settings.ray_address`` is set and ``settings.scheduler_enabled``."""
+def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+    """Build the app. The scheduler loop runs when ``settings.scheduler_enabled``."""
     engine = engine or make_engine(settings.database_url)
+    notifier = SiteNotifier()
+    changes = Changes(notifier)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        notifier.bind(asyncio.get_running_loop())
         thread: SchedulerThread | None = None
-        active_backend = backend
-        if active_backend is None and settings.scheduler_enabled and settings.ray_address:
-            from scheduler.backends.ray_backend import RayBackend
-
-            active_backend = RayBackend(
-                settings.ray_address, log_tail_bytes=settings.log_tail_bytes
+        if settings.scheduler_enabled:
+            sched = Scheduler(
+                engine,
+                node_lost_after_s=settings.node_lost_after_s,
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+                on_assignments=notifier.notify,
             )
-        app.state.backend = active_backend
-        if active_backend is not None and settings.scheduler_enabled:
-            sched = Scheduler(engine, active_backend, node_lost_after_s=settings.node_lost_after_s)
             thread = SchedulerThread(sched, settings.scheduler_interval_s)
+            changes.wake_scheduler = thread.wake
             thread.start()
         app.state.scheduler_thread = thread
         try:
             yield
         finally:
+            changes.wake_scheduler = lambda: None
             if thread is not None:
                 thread.stop()
-            if active_backend is not None and backend is None:
-                active_backend.close()
 
     app = FastAPI(
         title="Andromeda compute scheduler",
@@ -63,9 +62,11 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.backend = backend
+    app.state.notifier = notifier
+    app.state.changes = changes
+    app.state.scheduler_thread = None
     errors.install(app)
-    for module in (admin, nodes, jobs, usage):
+    for module in (admin, nodes, sites, packages, jobs, usage):
         app.include_router(module.router, prefix="/v1")
 
     @app.get("/healthz", tags=["health"])

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from scheduler.backends.base import ExecutionBackend
+from scheduler.api.notify import Changes
 from scheduler.config import Settings
 from scheduler.db.engine import session_scope
 from scheduler.services.tokens import Principal, authenticate
@@ -29,10 +29,12 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_principal(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+# The bare credentials, for async routes that must not hold a transaction while they wait
+# (long polls, uploads): they authenticate in a short session of their own.
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_principal(session: SessionDep, credentials: BearerDep) -> Principal:
     return authenticate(session, secret=credentials.credentials if credentials else None)
 
 
@@ -47,9 +49,9 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_backend(request: Request) -> ExecutionBackend | None:
-    backend: ExecutionBackend | None = request.app.state.backend
-    return backend
+def get_changes(request: Request) -> Changes:
+    changes: Changes = request.app.state.changes
+    return changes
 
 
-BackendDep = Annotated[ExecutionBackend | None, Depends(get_backend)]
+ChangesDep = Annotated[Changes, Depends(get_changes)]

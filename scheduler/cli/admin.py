@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from types import FrameType
 
 import click
 
+from scheduler import __version__
 from scheduler.cli.common import client_from, handle_errors, server_options
 from scheduler.cli.output import ago, table
+from scheduler.cli.times import parse_when
 from scheduler.config import Settings
 from scheduler.domain.enums import CommitmentLevel, Role
 
@@ -15,21 +18,20 @@ from scheduler.domain.enums import CommitmentLevel, Role
 @click.command()
 @click.option("--host", default=None, help="Bind address [default: 127.0.0.1].")
 @click.option("--port", default=None, type=click.IntRange(1, 65535), help="[default: 8700]")
-@click.option(
-    "--ray-address",
-    default=None,
-    envvar="RAY_ADDRESS",
-    show_envvar=True,
-    help="Ray cluster (GCS host:port). Without it the API runs but nothing is placed.",
-)
 @click.option("--no-scheduler", is_flag=True, help="Serve the API only (no scheduling loop).")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
-def server(
-    host: str | None, port: int | None, ray_address: str | None, no_scheduler: bool, log_level: str
-) -> None:
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning"]),
+    help="Requests are logged only at debug.",
+)
+def server(host: str | None, port: int | None, no_scheduler: bool, log_level: str) -> None:
     """Run the control plane: migrations, REST API, scheduler loop.
 
-    The database is DATABASE_URL (default: a SQLite file under ~/.andromeda).
+    The database is DATABASE_URL (default: a SQLite file under ~/.andromeda). The control
+    plane needs no Ray: each site's agent (`andromeda agent --head`) runs the work on the
+    site's own Ray cluster and pulls its assignments from here.
     """
     import uvicorn
 
@@ -41,8 +43,6 @@ def server(
         overrides["host"] = host
     if port:
         overrides["port"] = port
-    if ray_address:
-        overrides["ray_address"] = ray_address
     if no_scheduler:
         overrides["scheduler_enabled"] = False
     settings = Settings(**overrides)  # type: ignore[arg-type]
@@ -50,17 +50,32 @@ def server(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     upgrade(settings.database_url)
-    if not settings.ray_address and settings.scheduler_enabled:
-        click.echo("warning: no --ray-address/RAY_ADDRESS: jobs will queue but not run", err=True)
     app = create_app(settings)
-    uvicorn.run(
+    logging.getLogger("scheduler").info(
+        "andromeda server %s on http://%s:%s, database %s, scheduler %s",
+        __version__,
+        settings.host,
+        settings.port,
+        _safe_url(settings.database_url),
+        "on" if settings.scheduler_enabled else "off",
+    )
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        access_log=log_level == "debug",
         loop="uvloop",
         http="httptools",
+        timeout_graceful_shutdown=10,
     )
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            app.state.notifier.close()  # long polls answer now, so shutdown need not wait
+            super().handle_exit(sig, frame)
+
+    _Server(config).run()
 
 
 @click.group()
@@ -149,6 +164,12 @@ def provider() -> None:
 @click.option("--committed-gpus", type=click.IntRange(0), help="GPUs promised (reserved).")
 @click.option("--committed-gpu-hours", type=click.IntRange(0), help="GPU-hours per month.")
 @click.option("--notice-days", type=click.IntRange(0), default=0, show_default=True)
+@click.option(
+    "--site",
+    "site_name",
+    help="Name of the provider's first site (one Ray cluster). [default: the provider's name]",
+)
+@click.option("--no-site", is_flag=True, help="Create no site yet (`andromeda site create`).")
 @server_options
 @handle_errors
 def provider_create(
@@ -158,10 +179,12 @@ def provider_create(
     committed_gpus: int | None,
     committed_gpu_hours: int | None,
     notice_days: int,
+    site_name: str | None,
+    no_site: bool,
     server: str,
     token: str,
 ) -> None:
-    """Create a provider with its first agreement."""
+    """Create a provider with its first agreement and its first site."""
     with client_from(server, token) as api:
         api.request("POST", "/v1/providers", json={"name": name, "display_name": display_name})
         api.request(
@@ -174,7 +197,51 @@ def provider_create(
                 "notice_days": notice_days,
             },
         )
-    click.echo(f"provider {name} created ({level})")
+        if not no_site:
+            site = site_name or name
+            api.request("POST", f"/v1/providers/{name}/sites", json={"name": site})
+    click.echo(f"provider {name} created ({level})" + ("" if no_site else f", site {site}"))
+
+
+@click.group()
+def site() -> None:
+    """Sites: one Ray cluster each, at one provider."""
+
+
+@site.command("create")
+@click.argument("name")
+@click.option("--provider", "provider_name", required=True, help="The provider it belongs to.")
+@server_options
+@handle_errors
+def site_create(name: str, provider_name: str, server: str, token: str) -> None:
+    """Create a site. Its head host then runs `andromeda agent --head --site NAME`."""
+    with client_from(server, token) as api:
+        api.request("POST", f"/v1/providers/{provider_name}/sites", json={"name": name})
+    click.echo(f"site {name} created for {provider_name}")
+
+
+@site.command("list")
+@server_options
+@handle_errors
+def site_list(server: str, token: str) -> None:
+    """List sites, their nodes and when their agent last reported."""
+    with client_from(server, token) as api:
+        rows = api.request("GET", "/v1/sites")
+    click.echo(
+        table(
+            ["site", "provider", "nodes", "agent seen", "version"],
+            [
+                [
+                    r["name"],
+                    r["provider"],
+                    r["nodes"],
+                    (ago(parse_when(r["last_seen_at"])) + " ago") if r["last_seen_at"] else "never",
+                    f"{r['applied_version']}/{r['assignments_version']}",
+                ]
+                for r in rows
+            ],
+        )
+    )
 
 
 @provider.command("list")
@@ -201,11 +268,12 @@ def nodes(server: str, token: str) -> None:
         rows = api.nodes()
     click.echo(
         table(
-            ["node", "provider", "level", "status", "ray", "gpus", "busy", "heartbeat"],
+            ["node", "provider", "site", "level", "status", "ray", "gpus", "busy", "heartbeat"],
             [
                 [
                     n.name,
                     n.provider,
+                    n.site,
                     n.level.value,
                     n.status.value,
                     "joined" if n.ray_joined else "no",

@@ -1,4 +1,5 @@
-"""``andromeda agent``: the node agent for provider GPU hosts."""
+"""``andromeda agent`` (every GPU host of a site) and ``andromeda site-agent`` (a site whose
+Ray cluster is run by something else, such as KubeRay)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import logging
 import re
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import click
 
@@ -17,8 +20,8 @@ from scheduler.client import ApiClient
 from scheduler.domain.jobspec import NAME_RE
 
 
-def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    if not re.fullmatch(NAME_RE, value):
+def _check_name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(NAME_RE, value):
         raise click.BadParameter(
             f"{value!r} is not a lower-case DNS label (a-z, 0-9 and '-', at most 63 characters)"
         )
@@ -30,21 +33,41 @@ def _default_name() -> str:
     return name[:63] or "node"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _server_and_token(func: F) -> F:
+    func = click.option(
+        "--token",
+        envvar="ANDROMEDA_TOKEN",
+        required=True,
+        show_envvar=True,
+        help="A provider token (andromeda token create --role provider --provider NAME).",
+    )(func)
+    return click.option(
+        "--server",
+        envvar="ANDROMEDA_SERVER",
+        required=True,
+        show_envvar=True,
+        help="Control-plane URL, e.g. https://andromeda.example:8700.",
+    )(func)
+
+
+def _logging(level: str, who: str) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s {who}: %(message)s")
+
+
+def _stop_on_signals(stop: object) -> None:
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        stop.set()  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
 @click.command()
-@click.option(
-    "--server",
-    envvar="ANDROMEDA_SERVER",
-    required=True,
-    show_envvar=True,
-    help="Control-plane URL, e.g. http://control-plane:8700.",
-)
-@click.option(
-    "--token",
-    envvar="ANDROMEDA_TOKEN",
-    required=True,
-    show_envvar=True,
-    help="A provider token (andromeda token create --role provider --provider NAME).",
-)
+@_server_and_token
 @click.option(
     "--name",
     "node_name",
@@ -52,6 +75,11 @@ def _default_name() -> str:
     show_default="host name",
     help="Node name: a DNS label, unique in the fleet.",
     callback=_check_name,
+)
+@click.option(
+    "--site",
+    callback=_check_name,
+    help="The site (Ray cluster) this node belongs to; may be omitted if the provider has one.",
 )
 @click.option(
     "--level",
@@ -67,17 +95,45 @@ def _default_name() -> str:
     help="Replay recorded NVML data from a folder (nvml_snapshot.json ...).",
 )
 @click.option(
+    "--head",
+    is_flag=True,
+    help="This is the site's head host: start the site's Ray head here (token auth on) "
+    "and run the site's agent, which pulls the site's work and runs it.",
+)
+@click.option(
     "--ray-address",
-    envvar="RAY_ADDRESS",
-    show_envvar=True,
-    help="Join this Ray cluster with a worker labelled for this node. Without it, "
-    "the Ray worker is assumed to be managed elsewhere (KubeRay).",
+    metavar="HOST:PORT",
+    help="Join the site's Ray head at this address as a worker node.",
+)
+@click.option(
+    "--ray-port",
+    type=click.IntRange(1, 65535),
+    default=6380,
+    show_default=True,
+    help="With --head: the port of the head's GCS (6379 is often Redis's).",
+)
+@click.option(
+    "--ray-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The site's Ray token. A head creates it (mode 0600); copy it to the site's other "
+    "hosts. [default: DATA_DIR/ray-token]",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the agent keeps its state. [default: ~/.andromeda/agent/NAME]",
 )
 @click.option("--ray-num-cpus", type=click.IntRange(1), help="CPUs this node offers to Ray.")
 @click.option(
-    "--ray-log",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the Ray worker's output to this file.",
+    "--ray-temp-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Ray's temporary folder on this host [default: Ray's].",
+)
+@click.option(
+    "--checkpoint-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --head: the folder (shared by the site's hosts) under which a job without a "
+    "checkpoint URI gets one (ANDROMEDA_CHECKPOINT). [default: DATA_DIR/checkpoints]",
 )
 @click.option(
     "--heartbeat-interval",
@@ -92,53 +148,129 @@ def agent(
     server: str,
     token: str,
     node_name: str,
+    site: str | None,
     level: str | None,
     simulate: str | None,
     replay: Path | None,
+    head: bool,
     ray_address: str | None,
+    ray_port: int,
+    ray_token_file: Path | None,
+    data_dir: Path | None,
     ray_num_cpus: int | None,
-    ray_log: Path | None,
+    ray_temp_dir: Path | None,
+    checkpoint_root: Path | None,
     heartbeat_interval: float | None,
     once: bool,
     log_level: str,
 ) -> None:
-    """Register this host's GPUs and heartbeat their capacity and health."""
+    """Register this host's GPUs and heartbeat their capacity and health.
+
+    \b
+    On the site's head host:   andromeda agent --head --site SITE ...
+    On its other hosts:        andromeda agent --site SITE --ray-address HEAD:6380 \\
+                                   --ray-token-file /etc/andromeda/ray-token ...
+    Without --head or --ray-address the host's Ray node is managed elsewhere (KubeRay).
+    """
     from agents.agent import Agent, AgentOptions
     from agents.gpu import GpuReaderError, open_reader
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
-    logging.basicConfig(
-        level=log_level.upper(), format=f"%(asctime)s %(levelname)s agent[{node_name}]: %(message)s"
-    )
+    if head and ray_address:
+        raise click.UsageError("--head starts the site's Ray head; --ray-address joins one")
+    _logging(log_level, f"agent[{node_name}]")
     try:
         reader = open_reader(simulate=simulate, replay=replay, node_name=node_name)
     except (GpuReaderError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--simulate/--replay") from exc
     options = AgentOptions(
         node_name=node_name,
+        data_dir=(data_dir or Path.home() / ".andromeda" / "agent" / node_name).resolve(),
+        site=site,
         level=level,
-        ray_address=None if once else ray_address,
+        ray=None if once else ("head" if head else "worker" if ray_address else None),
+        ray_address=ray_address,
+        ray_port=ray_port,
+        ray_token_file=ray_token_file.resolve() if ray_token_file else None,
         ray_num_cpus=ray_num_cpus,
-        ray_log=ray_log,
+        ray_temp_dir=ray_temp_dir,
         heartbeat_interval_s=heartbeat_interval,
+        checkpoint_root=checkpoint_root.resolve() if checkpoint_root else None,
     )
     with ApiClient(server, token) as client:
-        runner = Agent(client, reader, options)
+        runner = Agent(
+            client,
+            reader,
+            options,
+            site_client=lambda: ApiClient(server, token),
+            restore_signals=lambda: _stop_on_signals(runner.stop_event),
+        )
         if once:
             registered = runner.register()
             runner.heartbeat_once()
             node = registered.node
             click.echo(
-                f"node {node.name} ({node.provider}, {node.level.value}): "
+                f"node {node.name} ({node.provider}, site {node.site}, {node.level.value}): "
                 f"{len(node.gpus)} GPU(s) {', '.join(g.model for g in node.gpus)}"
             )
             reader.close()
             return
-
-        def _stop(signum: int, _frame: FrameType | None) -> None:
-            runner.stop_event.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        _stop_on_signals(runner.stop_event)
         with contextlib.suppress(InterruptedError):
             runner.run()
+
+
+@click.command("site-agent")
+@_server_and_token
+@click.option("--site", required=True, callback=_check_name, help="The site to serve.")
+@click.option(
+    "--ray-address", required=True, metavar="HOST:PORT", help="The site's Ray head (GCS)."
+)
+@click.option(
+    "--ray-token-file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The site's Ray token.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the agent keeps packages and scratch. [default: ~/.andromeda/site/SITE]",
+)
+@click.option(
+    "--checkpoint-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Shared folder for default checkpoints. [default: DATA_DIR/checkpoints]",
+)
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+@handle_errors
+def site_agent(
+    server: str,
+    token: str,
+    site: str,
+    ray_address: str,
+    ray_token_file: Path,
+    data_dir: Path | None,
+    checkpoint_root: Path | None,
+    log_level: str,
+) -> None:
+    """Pull a site's work and run it on a Ray cluster managed elsewhere (e.g. a KubeRay
+    RayCluster whose nodes carry the andromeda.io/* labels)."""
+    import os
+
+    from agents.raynode import token_env
+    from agents.site.agent import SiteAgent
+    from agents.site.launcher import SiteLauncher
+
+    _logging(log_level, f"site-agent[{site}]")
+    os.environ.update(token_env(ray_token_file.resolve()))
+    data = (data_dir or Path.home() / ".andromeda" / "site" / site).resolve()
+    launcher = SiteLauncher(
+        ray_address,
+        site,
+        scratch_root=data / "scratch",
+        checkpoint_root=checkpoint_root.resolve() if checkpoint_root else data / "checkpoints",
+    )
+    with ApiClient(server, token) as client:
+        runner = SiteAgent(client, site, launcher, package_dir=data / "packages")
+        _stop_on_signals(runner.stop_event)
+        runner.run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,19 @@ from pydantic import ValidationError
 from scheduler.cli.common import client_from, handle_errors, server_options
 from scheduler.cli.output import csv_text, table
 from scheduler.cli.times import WHEN, fmt_time
+from scheduler.client import ApiClient
 from scheduler.domain.explain import explain_errors, format_errors
 from scheduler.domain.jobspec import JobSpec
 from scheduler.domain.units import hours
+from scheduler.packaging import PackageError, pack
 from scheduler.schemas import JobDetail
 
 
 def load_spec(path: Path) -> dict[str, Any]:
     """Read a job YAML and check it locally, so mistakes show before anything is sent.
 
-    A relative ``working_dir`` is taken relative to the YAML file's folder.
+    ``working_dir`` names the local folder to ship with the job (relative to the YAML
+    file's folder); :func:`ship_code` packs and uploads it at submit.
     """
     try:
         with path.open(encoding="utf-8") as stream:  # a stream, so YAML errors name the file
@@ -42,6 +46,26 @@ def load_spec(path: Path) -> dict[str, Any]:
         errors = explain_errors(exc.errors(include_url=False), JobSpec)
         raise click.ClickException(f"{path}: {format_errors(errors)}") from exc
     return data
+
+
+def ship_code(api: ApiClient, spec: dict[str, Any], *, say: Callable[[str], None]) -> None:
+    """Pack the spec's working_dir (honouring .gitignore), upload it unless the server has
+    it already, and make the spec name the package instead of the folder."""
+    folder = spec.pop("working_dir", None)
+    if folder is None:
+        return
+    try:
+        package = pack(Path(folder))
+    except PackageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    uploaded = not api.package_exists(package.sha256)
+    if uploaded:
+        api.upload_package(package.sha256, package.data)
+    say(
+        f"code: {folder} -> {package.files} files, {package.size / 1024:.0f} KiB, "
+        f"sha256 {package.sha256[:12]} ({'uploaded' if uploaded else 'already on the server'})"
+    )
+    spec["package"] = package.sha256
 
 
 @click.command()
@@ -69,10 +93,13 @@ def submit(
 
     Each spec is checked here first, then by the server against the fleet: a GPU model
     no node has ever had, or a gang no site could hold, is refused unless you say it may
-    wait for capacity that is about to join."""
+    wait for capacity that is about to join. The spec's working_dir is packed (without
+    what .gitignore excludes) and shipped with the job: it need not exist on the GPU hosts.
+    """
     specs = [load_spec(f) for f in files]
     with client_from(server, token) as api:
         for path, spec in zip(files, specs, strict=True):
+            ship_code(api, spec, say=lambda msg: click.echo(msg, err=True))
             job = api.submit(
                 spec, allow_unknown_model=allow_unknown_model, allow_oversize=allow_oversize
             )

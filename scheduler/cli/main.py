@@ -6,8 +6,8 @@ import click
 
 from scheduler import __version__
 from scheduler.cli import admin, jobs
-from scheduler.cli.agent import agent
-from scheduler.cli.demo import demo
+from scheduler.cli.agent import agent, site_agent
+from scheduler.cli.demo import demo, down, up
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -17,10 +17,10 @@ def cli() -> None:
 
     \b
     Engineers:         submit, jobs, job, logs, cancel
-    Providers:         agent, nodes, node
+    Providers:         agent, site-agent, nodes, node, site
     Partner managers:  usage
     Control plane:     server, db, token, provider
-    Try it locally:    demo
+    Try it locally:    demo, up, down
 
     Commands that talk to a server read ANDROMEDA_SERVER and ANDROMEDA_TOKEN.
     """
@@ -34,13 +34,17 @@ for command in (
     jobs.cancel,
     jobs.usage,
     agent,
+    site_agent,
     admin.nodes,
     admin.node,
     admin.server,
     admin.db,
     admin.token,
     admin.provider,
+    admin.site,
     demo,
+    up,
+    down,
 ):
     cli.add_command(command)
 

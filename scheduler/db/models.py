@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from scheduler.db.types import UTCDateTime, str_enum, utcnow
@@ -54,10 +54,32 @@ class Agreement(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
 
 
+class Site(SQLModel, table=True):
+    """One Ray cluster at one provider; gangs never cross sites.
+
+    The site's agent pulls the allocations of its site and reports what really runs.
+    ``assignments_version`` grows with every change the agent must act on (an allocation
+    opened, closed or asked to stop); each allocation records the version of its last such
+    change (``Allocation.site_version``). ``applied_version`` is the newest version the
+    agent says it has acted on, so an allocation it does not list as active, with a version
+    at or below that, is one the site really does not run.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=63, unique=True, index=True)
+    provider_id: int = Field(foreign_key="provider.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    assignments_version: int = Field(default=0, ge=0, sa_type=BigInteger())
+    applied_version: int = Field(default=0, ge=0, sa_type=BigInteger())
+    last_seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    agent_info: dict[str, Any] = Field(default_factory=dict, sa_type=JSON())
+
+
 class Node(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=63, unique=True, index=True)
     provider_id: int = Field(foreign_key="provider.id", index=True)
+    site_id: int = Field(foreign_key="site.id", index=True)
     agreement_id: int = Field(foreign_key="agreement.id")
     hostname: str = Field(default="", max_length=255)
     status: NodeStatus = Field(default=NodeStatus.ready, sa_type=str_enum(NodeStatus), index=True)
@@ -118,17 +140,64 @@ class Job(SQLModel, table=True):
 
 
 class Allocation(SQLModel, table=True):
-    """One placement of one job; open while ``ended_at`` is NULL."""
+    """One placement of one job at one site; open while ``ended_at`` is NULL.
+
+    Times, in order: ``started_at`` the decision (the site is asked to start it);
+    ``running_at`` when the site reported every worker of the gang running (GPU-seconds
+    count from here: waiting for Ray to reserve the bundles is start-up, not credited);
+    ``ended_at`` the end the ledger bills up to; ``released_at`` when the site confirmed the
+    workers gone. GPUs are held, and never handed out again, until ``released_at``.
+    ``stop_requested_at`` / ``stop_deadline_at`` / ``stop_reason`` describe a stop the
+    site is carrying out while the allocation is still open (preemption with grace).
+    """
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id", index=True)
     provider_id: int = Field(foreign_key="provider.id", index=True)
+    site_id: int = Field(foreign_key="site.id", index=True)
     started_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    running_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
     ended_at: datetime | None = Field(
+        default=None, sa_type=UTCDateTime(), nullable=True, index=True
+    )
+    released_at: datetime | None = Field(
         default=None, sa_type=UTCDateTime(), nullable=True, index=True
     )
     end_reason: EndReason | None = Field(default=None, sa_type=str_enum(EndReason))
     error: str | None = Field(default=None, sa_type=Text())
+    failed_rank: int | None = Field(default=None, ge=0)
+    stop_requested_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    stop_deadline_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    stop_reason: EndReason | None = Field(default=None, sa_type=str_enum(EndReason))
+    site_version: int = Field(default=0, ge=0, sa_type=BigInteger())
+
+
+class AllocationEvent(SQLModel, table=True):
+    """What a site reported about an allocation, once: ``key`` is (allocation, event), so a
+    report sent again (the agent retries until acknowledged) changes nothing."""
+
+    __tablename__ = "allocation_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200, unique=True)
+    allocation_id: int = Field(foreign_key="allocation.id", index=True)
+    kind: str = Field(max_length=32)
+    at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSON())
+
+
+class CodePackage(SQLModel, table=True):
+    """A job's working directory as uploaded by ``andromeda submit``: a zip, addressed by
+    the SHA-256 of its bytes, fetched and verified by the site before the workers start."""
+
+    __tablename__ = "code_package"
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    size_bytes: int = Field(ge=0, sa_type=BigInteger())
+    data: bytes = Field(sa_type=LargeBinary())
+    uploaded_by: str = Field(max_length=100)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
 
 
 class AllocationGpu(SQLModel, table=True):
@@ -163,6 +232,7 @@ class UsageInterval(SQLModel, table=True):
     allocation_id: int = Field(foreign_key="allocation.id", index=True)
     job_id: int = Field(foreign_key="job.id", index=True)
     provider_id: int = Field(foreign_key="provider.id")
+    site_id: int = Field(foreign_key="site.id")
     agreement_id: int = Field(foreign_key="agreement.id")
     node_id: int = Field(foreign_key="node.id")
     gpu_id: int = Field(foreign_key="gpu.id", index=True)

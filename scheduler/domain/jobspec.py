@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from scheduler.domain.enums import PriorityClass
 from scheduler.domain.limits import CleanText
@@ -59,8 +59,18 @@ class JobSpec(CleanText):
     max_runtime: int | None = Field(
         default=None, description="seconds, or a duration like 30m; the job is stopped after it"
     )
+    package: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the job's code package (`andromeda submit` packs and uploads "
+        "the YAML's working_dir and sets this); the workers start in it",
+    )
     working_dir: str | None = Field(
-        default=None, max_length=1000, description="absolute directory on the worker hosts"
+        default=None,
+        max_length=1000,
+        description="an absolute directory that already exists on the site's hosts (code "
+        "baked into their image); without it or a package, the workers start in a scratch "
+        "directory",
     )
     env: dict[str, str] = Field(default_factory=dict)
     checkpoint: str | None = Field(default=None, max_length=1000)
@@ -88,7 +98,7 @@ class JobSpec(CleanText):
         for key in v:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
-            if key in RESERVED_ENV:
+            if key in RESERVED_ENV or key.startswith(RESERVED_PREFIXES):
                 raise ValueError(f"{key} is set by the scheduler and cannot be overridden")
         return v
 
@@ -96,8 +106,14 @@ class JobSpec(CleanText):
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith("/"):
-            raise ValueError("must be an absolute path on the worker hosts")
+            raise ValueError("must be an absolute path on the site's hosts")
         return v
+
+    @model_validator(mode="after")
+    def _one_code_source(self) -> JobSpec:
+        if self.package and self.working_dir:
+            raise ValueError("give package or working_dir, not both")
+        return self
 
     @property
     def total_gpus(self) -> int:
@@ -107,3 +123,4 @@ class JobSpec(CleanText):
 RESERVED_ENV = frozenset(
     {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"}
 )
+RESERVED_PREFIXES = ("ANDROMEDA_", "RAY_")

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
-from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Job, Node
+from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Job, Node, Site
 from scheduler.domain.enums import GpuHealth, JobStatus, NodeStatus
 from scheduler.policy import JobRequest, NodeView, RunningAllocation
 
@@ -38,25 +37,29 @@ def queue(session: Session) -> list[JobRequest]:
 
 
 def capacity(
-    session: Session,
-    *,
-    now: datetime,
-    lost_after_s: int,
-    still_running: set[int] | frozenset[int] = frozenset(),
+    session: Session, *, now: datetime, fresh_within_s: float, site_fresh_within_s: float
 ) -> list[NodeView]:
-    """Ready nodes whose Ray worker joined and whose heartbeat is fresh, with free GPUs.
+    """Nodes that can take work now, with their free GPUs.
 
-    A GPU is free when no open allocation holds it and no allocation in ``still_running``
-    (closed in the database but not yet stopped by the backend, e.g. cancelled a moment
-    ago) does: the same GPU is never handed to two running gangs."""
-    fresh = now - timedelta(seconds=lost_after_s)
+    A node can take work when it is ``ready``, its site's agent says Ray has its worker
+    alive, its own heartbeat is younger than ``fresh_within_s`` (a few heartbeat
+    intervals: a node that just died must not be chosen) and its site's agent reported
+    within ``site_fresh_within_s`` (nobody would start the work otherwise).
+
+    A GPU is free when no allocation holds it whose workers the site has not confirmed
+    gone (``released_at`` is NULL): a GPU is never handed to a second gang while the first
+    may still be on it, even after the first was cancelled or preempted."""
+    fresh = now - timedelta(seconds=fresh_within_s)
+    site_fresh = now - timedelta(seconds=site_fresh_within_s)
     rows = session.exec(
         select(Node, Agreement)
         .join(Agreement, col(Agreement.id) == col(Node.agreement_id))
+        .join(Site, col(Site.id) == col(Node.site_id))
         .where(
             Node.status == NodeStatus.ready,
             col(Node.ray_joined).is_(True),
             col(Node.last_heartbeat_at) >= fresh,
+            col(Site.last_seen_at) >= site_fresh,
         )
     ).all()
     if not rows:
@@ -66,12 +69,7 @@ def capacity(
         session.exec(
             select(AllocationGpu.gpu_id)
             .join(Allocation, col(Allocation.id) == col(AllocationGpu.allocation_id))
-            .where(
-                or_(
-                    col(Allocation.ended_at).is_(None),
-                    col(Allocation.id).in_(sorted(still_running)),
-                )
-            )
+            .where(col(Allocation.released_at).is_(None))
         )
     )
     gpus: dict[int, list[Gpu]] = defaultdict(list)
@@ -94,16 +92,18 @@ def capacity(
                 gpu_memory_bytes=min(g.memory_bytes for g in node_gpus),
                 free_gpu_ids=tuple(sorted(g.id for g in node_gpus if g.id not in held)),  # type: ignore[misc]
                 total_gpus=len(node_gpus),
+                site_id=node.site_id,
             )
         )
     return views
 
 
 def running(session: Session) -> list[RunningAllocation]:
+    """Open allocations not already asked to stop: the work a new job might preempt."""
     allocs = session.exec(
         select(Allocation, Job)
         .join(Job, col(Job.id) == col(Allocation.job_id))
-        .where(col(Allocation.ended_at).is_(None))
+        .where(col(Allocation.ended_at).is_(None), col(Allocation.stop_requested_at).is_(None))
     ).all()
     held: dict[int, list[tuple[int, int]]] = defaultdict(list)
     ids = [a.id for a, _ in allocs]
@@ -118,6 +118,7 @@ def running(session: Session) -> list[RunningAllocation]:
             provider_id=a.provider_id,
             started_at_s=int(a.started_at.timestamp()),
             gpus=tuple(sorted(held.get(a.id or 0, []))),
+            site_id=a.site_id,
         )
         for a, j in allocs
     ]

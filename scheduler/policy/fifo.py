@@ -5,7 +5,7 @@ priority and commitment level; each gang goes to the first provider (lowest id) 
 worker fits first-fit on nodes in node-id order; no preemption; and the first job that does
 not fit stops the cycle, so every later job waits behind it (head-of-line blocking).
 
-It keeps the physical rules that no policy may break: a gang lies inside one provider, a
+It keeps the physical rules that no policy may break: a gang lies inside one site, a
 worker on one node, and nodes must match the job's model and memory constraints. Like
 :func:`scheduler.policy.placement.schedule` it is pure and deterministic.
 """
@@ -64,10 +64,10 @@ def fifo_schedule(
 ) -> Decision:
     """Place jobs strictly by ``seq`` until the first one that does not fit; see module doc."""
     del running, now_s  # no preemption, no time-dependent rules
-    by_provider: dict[int, list[NodeView]] = {}
+    by_site: dict[tuple[int, int], list[NodeView]] = {}
     free: dict[int, list[int]] = {}
     for node in sorted(nodes, key=lambda n: n.node_id):
-        by_provider.setdefault(node.provider_id, []).append(node)
+        by_site.setdefault(node.site_key, []).append(node)
         free[node.node_id] = sorted(node.free_gpu_ids)
     decision = Decision()
     blocker: JobRequest | None = None
@@ -77,10 +77,10 @@ def fifo_schedule(
             continue
         placed: Placement | None = None
         if job.num_workers >= 1 and job.gpus_per_worker >= 1:
-            for provider_id in sorted(by_provider):
-                workers = _first_fit(job, by_provider[provider_id], free)
+            for provider_id, site_id in sorted(by_site):
+                workers = _first_fit(job, by_site[(provider_id, site_id)], free)
                 if workers is not None:
-                    placed = Placement(job.job_id, provider_id, workers)
+                    placed = Placement(job.job_id, provider_id, workers, (), site_id)
                     break
         if placed is not None:
             decision.placements.append(placed)

@@ -108,6 +108,7 @@ class _Pool:
     """
 
     provider_id: int
+    site_id: int
     nodes: dict[int, _Node] = field(default_factory=dict)
     buckets: dict[_BucketKey, list[int]] = field(default_factory=dict)
     # node class -> total GPUs per node -> number of nodes (for static capacity).
@@ -244,10 +245,10 @@ class _Victim:
 class _Cycle:
     """Mutable state of one call to :func:`schedule`; discarded when the call returns."""
 
-    pools: dict[int, _Pool]
+    pools: dict[tuple[int, int], _Pool]
     pool_order: list[_Pool]
     classes: list[tuple[str, int]]
-    victims: dict[int, list[_Victim]]  # provider -> preemptible allocations, victim order
+    victims: dict[tuple[int, int], list[_Victim]]  # site -> preemptible, in victim order
     taken: set[int] = field(default_factory=set)  # allocation ids already preempted
     lower_preemptible: list[int] = field(default_factory=list)  # sorted priorities
     lower_fixed: list[int] = field(default_factory=list)  # sorted priorities
@@ -271,14 +272,14 @@ class _Cycle:
 
 def _build(nodes: Sequence[NodeView], running: Sequence[RunningAllocation]) -> _Cycle:
     class_index: dict[tuple[str, int], int] = {}
-    pools: dict[int, _Pool] = {}
+    pools: dict[tuple[int, int], _Pool] = {}
     for view in sorted(nodes, key=lambda n: n.node_id):
         cls = class_index.setdefault((view.gpu_model, view.gpu_memory_bytes), len(class_index))
-        pool = pools.get(view.provider_id)
+        pool = pools.get(view.site_key)
         if pool is None:
-            pool = pools[view.provider_id] = _Pool(view.provider_id)
+            pool = pools[view.site_key] = _Pool(view.provider_id, view.site_id)
         pool.add(_Node(view, cls, view.level.rank, sorted(view.free_gpu_ids)))
-    victims: dict[int, list[_Victim]] = defaultdict(list)
+    victims: dict[tuple[int, int], list[_Victim]] = defaultdict(list)
     lower_preemptible: list[int] = []
     lower_fixed: list[int] = []
     for alloc in running:
@@ -286,12 +287,12 @@ def _build(nodes: Sequence[NodeView], running: Sequence[RunningAllocation]) -> _
             lower_fixed.append(alloc.priority)
             continue
         lower_preemptible.append(alloc.priority)
-        pool = pools.get(alloc.provider_id)
+        pool = pools.get(alloc.site_key)
         by_node: dict[int, list[int]] = {}
         for node_id, gpu_id in alloc.gpus:
             if pool is not None and node_id in pool.nodes:
                 by_node.setdefault(node_id, []).append(gpu_id)
-        victims[alloc.provider_id].append(_Victim(alloc, by_node))
+        victims[alloc.site_key].append(_Victim(alloc, by_node))
     for entries in victims.values():
         entries.sort(
             key=lambda v: (v.alloc.priority, -v.alloc.started_at_s, -v.alloc.allocation_id)
@@ -322,21 +323,21 @@ def _place_free(cycle: _Cycle, job: JobRequest, classes: frozenset[int]) -> Plac
     n, g = job.num_workers, job.gpus_per_worker
     if cycle.free_fail.get((classes, g), n + 1) <= n:
         return None
-    best: tuple[tuple[int, int, int, int], _Pool, list[tuple[int, int]]] | None = None
+    best: tuple[tuple[int, ...], _Pool, list[tuple[int, int]]] | None = None
     for pool in cycle.pool_order:
         if pool.free_capacity(classes, g)[0] < n:
             continue
         plan = pool.plan(classes, g, n)
         if plan is None:  # cannot happen: capacity says it fits
             continue
-        key = (*pool.score(plan, g), pool.provider_id)
+        key = (*pool.score(plan, g), pool.provider_id, pool.site_id)
         if best is None or key < best[0]:
             best = (key, pool, plan)
     if best is None:
         cycle.free_fail[(classes, g)] = n
         return None
     _, pool, plan = best
-    return Placement(job.job_id, pool.provider_id, _workers(pool, plan, g))
+    return Placement(job.job_id, pool.provider_id, _workers(pool, plan, g), (), pool.site_id)
 
 
 def _victims_for(
@@ -353,7 +354,7 @@ def _victims_for(
             if pool.nodes[node_id].cls in classes:
                 yield node_id, len(ids)
 
-    for victim in cycle.victims.get(pool.provider_id, ()):
+    for victim in cycle.victims.get((pool.provider_id, pool.site_id), ()):
         if victim.alloc.priority >= job.priority:
             break  # sorted by priority: nothing further is eligible
         if victim.alloc.allocation_id in cycle.taken:
@@ -403,7 +404,7 @@ def _place_preempting(cycle: _Cycle, job: JobRequest, classes: frozenset[int]) -
         if plan is None:
             continue
         preempted = sum(len(v.alloc.gpus) for v in chosen)
-        key = (preempted, *pool.score(plan, g, aug), pool.provider_id)
+        key = (preempted, *pool.score(plan, g, aug), pool.provider_id, pool.site_id)
         if best is None or key < best[0]:
             best = (key, pool, chosen, aug, plan)
     if best is None:
@@ -418,7 +419,7 @@ def _place_preempting(cycle: _Cycle, job: JobRequest, classes: frozenset[int]) -
     workers = _workers(pool, plan, g, extra)
     preempts = tuple(sorted(v.alloc.allocation_id for v in chosen))
     logger.debug("job %s preempts %s on provider %s", job.job_id, preempts, pool.provider_id)
-    return Placement(job.job_id, pool.provider_id, workers, preempts)
+    return Placement(job.job_id, pool.provider_id, workers, preempts, pool.site_id)
 
 
 def _reason(cycle: _Cycle, job: JobRequest, classes: frozenset[int]) -> str:

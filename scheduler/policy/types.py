@@ -21,7 +21,8 @@ class NodeView:
 
     Invariants: the caller passes only ready nodes, and only GPUs that are healthy;
     ``free_gpu_ids`` is a subset of the node's GPUs that no open allocation holds, so
-    ``len(free_gpu_ids) <= total_gpus``. GPU ids are opaque integers.
+    ``len(free_gpu_ids) <= total_gpus``. GPU ids are opaque integers. ``site_id`` names the
+    Ray cluster the node belongs to (0: the provider's only site); a gang never spans sites.
     """
 
     node_id: int
@@ -32,6 +33,12 @@ class NodeView:
     gpu_memory_bytes: int  # per GPU
     free_gpu_ids: tuple[int, ...]
     total_gpus: int
+    site_id: int = 0
+
+    @property
+    def site_key(self) -> tuple[int, int]:
+        """(provider, site): the boundary no gang crosses."""
+        return (self.provider_id, self.site_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +64,8 @@ class JobRequest:
 class RunningAllocation:
     """GPUs held by a running gang; the set of potential preemption victims.
 
-    Invariant: all ``gpus`` lie on nodes of ``provider_id`` (a gang never spans providers).
+    Invariant: all ``gpus`` lie on nodes of one site of ``provider_id`` (a gang never
+    spans sites).
     """
 
     allocation_id: int
@@ -67,6 +75,11 @@ class RunningAllocation:
     provider_id: int
     started_at_s: int
     gpus: tuple[tuple[int, int], ...]  # (node_id, gpu_id)
+    site_id: int = 0
+
+    @property
+    def site_key(self) -> tuple[int, int]:
+        return (self.provider_id, self.site_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,15 +95,16 @@ class WorkerPlacement:
 class Placement:
     """A decision to start one gang.
 
-    Invariants: every worker lies on a node of ``provider_id``; ``preempts`` lists the
-    allocation ids the caller must end before starting the workers (empty when the gang
-    fits on free GPUs).
+    Invariants: every worker lies on a node of site ``site_id`` of ``provider_id``;
+    ``preempts`` lists the allocation ids the caller must end before starting the workers
+    (empty when the gang fits on free GPUs).
     """
 
     job_id: int
     provider_id: int
     workers: tuple[WorkerPlacement, ...]
     preempts: tuple[int, ...] = ()
+    site_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,17 @@
 """Jobs: submission (checked against the fleet), listing, detail and cancellation.
 
-Cancellation only records the decision (through ``transition_job``); the scheduler loop
-notices that the allocation is closed and stops the workers, so the API never needs Ray.
+Cancellation only records the decision (through ``transition_job``); the job's site sees
+the allocation closed in its assignments and stops the workers, so the API never needs Ray.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from sqlmodel import Session, col, func, select
 
-from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider
+from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider, Site
 from scheduler.domain.enums import JobStatus
 from scheduler.domain.gpu_models import model_matches
 from scheduler.domain.jobspec import JobSpec
@@ -18,6 +19,7 @@ from scheduler.errors import NotFound, ValidationFailed
 from scheduler.policy import JobRequest
 from scheduler.policy.placement import describe_constraint, node_matches
 from scheduler.schemas import AllocationPublic, JobDetail, JobPublic, WorkerPublic
+from scheduler.services import packages
 from scheduler.services.transitions import gpu_seconds, transition_job
 
 
@@ -36,6 +38,10 @@ def submit_job(
     _check_against_fleet(
         session, spec, allow_unknown_model=allow_unknown_model, allow_oversize=allow_oversize
     )
+    if spec.package and not packages.exists(session, sha256=spec.package):
+        raise ValidationFailed(
+            "package", f"{spec.package} has not been uploaded (PUT /v1/packages/{{sha256}})"
+        )
     job = Job(
         name=spec.name,
         model_name=spec.model,
@@ -55,7 +61,7 @@ def submit_job(
         status=JobStatus.pending,
         pending_reason="waiting for the next scheduling cycle"
         if scheduler_running
-        else "queued; this control plane runs no scheduler (no Ray address)",
+        else "queued; this control plane runs no scheduler (started with --no-scheduler)",
         submitted_at=now,
     )
     session.add(job)
@@ -72,15 +78,15 @@ def _check_against_fleet(
     skips it, for a model about to join), GPUs per worker against the largest matching node,
     and the whole gang against the largest matching site (``allow_oversize`` skips it)."""
     rows = session.exec(
-        select(Node.id, Node.provider_id, Gpu.model, Gpu.memory_bytes, func.count(col(Gpu.id)))
+        select(col(Node.site_id), col(Gpu.model), col(Gpu.memory_bytes), func.count(col(Gpu.id)))
         .join(Gpu, col(Gpu.node_id) == col(Node.id))
-        .group_by(col(Node.id), col(Node.provider_id), col(Gpu.model), col(Gpu.memory_bytes))
+        .group_by(col(Node.id), col(Node.site_id), col(Gpu.model), col(Gpu.memory_bytes))
     ).all()
     if not rows:
         return
     request = _request_of(spec)
-    models = sorted({model for _, _, model, _, _ in rows})
-    matching = [r for r in rows if node_matches(request, r[2], r[3])]
+    models = sorted({model for _, model, _, _ in rows})
+    matching = [r for r in rows if node_matches(request, r[1], r[2])]
     if spec.gpu.model and not any(model_matches(spec.gpu.model, m) for m in models):
         if allow_unknown_model:
             return
@@ -104,8 +110,8 @@ def _check_against_fleet(
             f"{spec.gpus_per_worker} GPUs per worker, but the largest node has {largest}",
         )
     per_group: dict[int, int] = {}
-    for _node, group, _model, _mem, count in matching:
-        per_group[group] = per_group.get(group, 0) + count // spec.gpus_per_worker
+    for site, _model, _mem, count in matching:
+        per_group[site] = per_group.get(site, 0) + count // spec.gpus_per_worker
     best = max(per_group.values())
     if spec.workers > best and not allow_oversize:
         raise ValidationFailed(
@@ -178,13 +184,14 @@ def job_public(job: Job) -> JobPublic:
 def allocations_public(session: Session, *, job_id: int) -> list[AllocationPublic]:
     allocs = list(
         session.exec(
-            select(Allocation, Provider)
+            select(Allocation, Provider.name, Site.name)
             .join(Provider, col(Provider.id) == col(Allocation.provider_id))
+            .join(Site, col(Site.id) == col(Allocation.site_id))
             .where(Allocation.job_id == job_id)
             .order_by(col(Allocation.id))
         )
     )
-    ids = [a.id for a, _ in allocs]
+    ids = [a.id for a, _, _ in allocs]
     workers: dict[int, dict[int, tuple[str, list[str]]]] = {}
     for ag, node, gpu in session.exec(
         select(AllocationGpu, Node, Gpu)
@@ -196,21 +203,26 @@ def allocations_public(session: Session, *, job_id: int) -> list[AllocationPubli
         by_rank = workers.setdefault(ag.allocation_id, {})
         by_rank.setdefault(ag.rank, (node.name, []))[1].append(gpu.uuid)
     out = []
-    for alloc, provider in allocs:
+    for alloc, provider, site in allocs:
         assert alloc.id is not None
         ranks = workers.get(alloc.id, {})
         gpu_count = sum(len(g) for _, g in ranks.values())
         seconds = None
         if alloc.ended_at is not None:
-            seconds = gpu_count * gpu_seconds(alloc.started_at, alloc.ended_at)
+            ran = gpu_seconds(alloc.running_at, alloc.ended_at) if alloc.running_at else 0
+            seconds = gpu_count * ran
         out.append(
             AllocationPublic(
                 id=alloc.id,
-                provider=provider.name,
+                provider=provider,
+                site=site,
+                phase=_phase(alloc),
                 started_at=alloc.started_at,
+                running_at=alloc.running_at,
                 ended_at=alloc.ended_at,
                 end_reason=alloc.end_reason,
                 error=alloc.error,
+                failed_rank=alloc.failed_rank,
                 gpu_seconds=seconds,
                 workers=[
                     WorkerPublic(rank=r, node=n, gpus=g) for r, (n, g) in sorted(ranks.items())
@@ -218,6 +230,12 @@ def allocations_public(session: Session, *, job_id: int) -> list[AllocationPubli
             )
         )
     return out
+
+
+def _phase(alloc: Allocation) -> Literal["starting", "running", "stopping", "ended"]:
+    if alloc.ended_at is not None or alloc.stop_requested_at is not None:
+        return "ended" if alloc.released_at is not None else "stopping"
+    return "running" if alloc.running_at is not None else "starting"
 
 
 def job_detail(session: Session, *, job: Job) -> JobDetail:
@@ -234,20 +252,6 @@ def stored_logs(session: Session, *, allocation_id: int) -> dict[int, str]:
         row.rank: row.text
         for row in session.exec(select(JobLog).where(JobLog.allocation_id == allocation_id))
     }
-
-
-def save_logs(session: Session, *, allocation_id: int, logs: dict[int, str], now: datetime) -> None:
-    """Keep the last output of each rank after its workers are gone (idempotent)."""
-    existing = {
-        row.rank: row
-        for row in session.exec(select(JobLog).where(JobLog.allocation_id == allocation_id))
-    }
-    for rank, text in logs.items():
-        row = existing.get(rank) or JobLog(allocation_id=allocation_id, rank=rank, text="")
-        # PostgreSQL text cannot hold NUL; a program's raw output may contain it.
-        row.text = text.replace("\x00", "\ufffd")
-        row.captured_at = now
-        session.add(row)
 
 
 def latest_allocation(session: Session, *, job_id: int) -> Allocation | None:

@@ -1,8 +1,9 @@
 """Nodes and their GPUs: registration by agents, heartbeats, liveness, drain and cordon.
 
-A node takes new work only while it is ``ready``, its Ray worker has joined, and its last
-heartbeat is younger than ``node_lost_after_s``; ``mark_lost_nodes`` turns silent nodes
-``lost``, and the next heartbeat brings a lost node back to ``ready``.
+A node takes new work only while it is ``ready``, its site's agent reports its Ray worker
+alive (``ray_joined``, from Ray's own view of the site), and its last heartbeat is fresh;
+``mark_lost_nodes`` turns silent nodes ``lost``, and the next heartbeat brings a lost node
+back to ``ready``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
-from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Node, Provider
+from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Node, Provider, Site
 from scheduler.domain.enums import GpuHealth, NodeStatus
 from scheduler.domain.gpu_models import canonical_model
 from scheduler.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from scheduler.schemas import GpuPublic, Heartbeat, NodePublic, NodeRegister
 from scheduler.services.providers import active_agreement
+from scheduler.services.sites import site_for_node
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,23 @@ def register_node(session: Session, *, provider_id: int, body: NodeRegister, now
     if len(set(uuids)) != len(uuids):
         raise ValidationFailed("gpus", "GPU UUIDs must be unique")
     agreement = active_agreement(session, provider_id=provider_id, level=body.level, now=now)
+    site = site_for_node(session, provider_id=provider_id, name=body.site)
     if node is None:
-        node = Node(name=body.name, provider_id=provider_id, agreement_id=agreement.id)  # type: ignore[arg-type]
+        node = Node(
+            name=body.name,
+            provider_id=provider_id,
+            site_id=site.id,  # type: ignore[arg-type]
+            agreement_id=agreement.id,  # type: ignore[arg-type]
+        )
+    elif node.site_id != site.id and _holds_gpus(session, node):
+        raise Conflict(f"node {body.name!r} still runs work in another site; drain it first")
+    node.site_id = site.id  # type: ignore[assignment]
     node.agreement_id = agreement.id  # type: ignore[assignment]
     node.hostname = body.hostname
     node.cpu_count = body.cpu_count
     node.memory_bytes = body.memory_bytes
     node.driver_version = body.driver_version
     node.last_heartbeat_at = now
-    node.ray_joined = False
     if node.status == NodeStatus.lost:
         node.status = NodeStatus.ready
         node.status_reason = None
@@ -78,6 +88,10 @@ def register_node(session: Session, *, provider_id: int, body: NodeRegister, now
     return node
 
 
+def _holds_gpus(session: Session, node: Node) -> bool:
+    return bool(held_gpu_ids(session, node_id=node.id))
+
+
 def get_node(session: Session, *, name: str) -> Node:
     node = session.exec(select(Node).where(Node.name == name)).first()
     if node is None:
@@ -102,7 +116,6 @@ def heartbeat(session: Session, *, node: Node, body: Heartbeat, now: datetime) -
         gpu.sampled_at = now
         session.add(gpu)
     node.last_heartbeat_at = now
-    node.ray_joined = body.ray_joined
     if node.status == NodeStatus.lost:  # only ready nodes are ever marked lost
         log.info("node %s is back after being lost", node.name)
         node.status = NodeStatus.ready
@@ -160,11 +173,11 @@ def stale_node_ids(session: Session, *, now: datetime, lost_after_s: int) -> lis
 
 
 def held_gpu_ids(session: Session, *, node_id: int | None = None) -> set[int]:
-    """GPUs held by open allocations (of one node when given)."""
+    """GPUs held by allocations whose workers are not confirmed gone (of one node if given)."""
     stmt = (
         select(AllocationGpu.gpu_id)
         .join(Allocation, col(Allocation.id) == col(AllocationGpu.allocation_id))
-        .where(col(Allocation.ended_at).is_(None))
+        .where(col(Allocation.released_at).is_(None))
     )
     if node_id is not None:
         stmt = stmt.where(AllocationGpu.node_id == node_id)
@@ -175,6 +188,7 @@ def held_gpu_ids(session: Session, *, node_id: int | None = None) -> set[int]:
 class NodeRow:
     node: Node
     provider: Provider
+    site: Site
     agreement: Agreement
     gpus: list[Gpu]
 
@@ -184,8 +198,9 @@ def load_nodes(
 ) -> list[NodeRow]:
     """Nodes with their provider, agreement and GPUs: all, one provider's, or one node."""
     stmt = (
-        select(Node, Provider, Agreement)
+        select(Node, Provider, Site, Agreement)
         .join(Provider, col(Provider.id) == col(Node.provider_id))
+        .join(Site, col(Site.id) == col(Node.site_id))
         .join(Agreement, col(Agreement.id) == col(Node.agreement_id))
         .order_by(col(Node.name))
     )
@@ -195,12 +210,12 @@ def load_nodes(
         stmt = stmt.where(Node.id == node_id)
     rows = list(session.exec(stmt))
     gpus: dict[int, list[Gpu]] = {}
-    node_ids = [n.id for n, _, _ in rows]
+    node_ids = [n.id for n, _, _, _ in rows]
     for gpu in session.exec(
         select(Gpu).where(col(Gpu.node_id).in_(node_ids)).order_by(col(Gpu.index))
     ):
         gpus.setdefault(gpu.node_id, []).append(gpu)
-    return [NodeRow(n, p, a, gpus.get(n.id or 0, [])) for n, p, a in rows]
+    return [NodeRow(n, p, s, a, gpus.get(n.id or 0, [])) for n, p, s, a in rows]
 
 
 def node_public(row: NodeRow, held: set[int]) -> NodePublic:
@@ -208,6 +223,7 @@ def node_public(row: NodeRow, held: set[int]) -> NodePublic:
     return NodePublic(
         name=n.name,
         provider=row.provider.name,
+        site=row.site.name,
         level=row.agreement.level,
         status=n.status,
         status_reason=n.status_reason,

@@ -17,6 +17,15 @@ Allowed moves:
 GPU-seconds: an interval [start, end) counts ``floor(end) - floor(start)`` in Unix seconds.
 Consecutive intervals therefore add up exactly (the floors telescope), and a second is never
 counted by two intervals of the same GPU.
+
+What is billed: an allocation's GPU-seconds run from ``running_at`` (the site reported every
+worker of the gang running) to ``ended_at``; an allocation that never ran bills nothing.
+``ended_at`` is the moment of the end the caller names (``end_at``: a lost node's last
+heartbeat, the time a site saw the workers exit), never later than now and never before
+the allocation started.
+
+Every open and every close bumps the site's ``assignments_version`` in the same
+transaction, so the site's agent, long-polling for that version, learns of it at once.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from scheduler.db.models import (
     Gpu,
     Job,
     Node,
+    Site,
     UsageInterval,
 )
 from scheduler.domain.enums import EndReason, JobStatus
@@ -57,6 +67,7 @@ _FINISH_REASONS: dict[JobStatus, frozenset[EndReason]] = {
 @dataclass(frozen=True, slots=True)
 class PlacementRecord:
     provider_id: int
+    site_id: int
     workers: tuple[WorkerPlacement, ...]
 
 
@@ -71,6 +82,25 @@ def open_allocation_of(session: Session, job_id: int) -> Allocation | None:
     ).first()
 
 
+def bump_site(session: Session, site_id: int) -> int:
+    """The site's next ``assignments_version``, taken under the site row's lock."""
+    site = session.exec(lock_for_update(select(Site).where(Site.id == site_id), session)).one()
+    site.assignments_version += 1
+    session.add(site)
+    return site.assignments_version
+
+
+def mark_running(session: Session, *, alloc: Allocation, at: datetime, now: datetime) -> bool:
+    """Record that every worker of ``alloc`` runs, from ``at`` (a site's clock, so clamped to
+    [started_at, now]). Billing starts here. Only the first report counts; False if the
+    allocation had already been marked, or had ended before it ran."""
+    if alloc.running_at is not None or alloc.ended_at is not None:
+        return False
+    alloc.running_at = min(max(at, alloc.started_at), now)
+    session.add(alloc)
+    return True
+
+
 def transition_job(
     session: Session,
     *,
@@ -82,12 +112,19 @@ def transition_job(
     end_reason: EndReason | None = None,
     error: str | None = None,
     pending_reason: str | None = None,
+    end_at: datetime | None = None,
+    released: bool = False,
+    failed_rank: int | None = None,
 ) -> Job:
     """Move a job to ``to`` and keep allocations and the ledger in step (see module doc).
 
     ``expect`` guards against races: when given, the job must currently be in one of those
     states or ``Conflict`` is raised and nothing is written. The job row is locked
     (``FOR UPDATE`` on PostgreSQL) for the rest of the transaction.
+
+    When the job leaves ``running``: ``end_at`` is when the allocation really ended
+    (default ``now``), ``released`` says the site has confirmed its workers gone (their
+    GPUs may be handed out again), ``failed_rank`` the first rank that failed.
     """
     # populate_existing: a Job already in this session's identity map may be stale; the
     # locked read must see the committed row, or a concurrent move would be overwritten.
@@ -114,13 +151,15 @@ def transition_job(
     elif current is JobStatus.running and to is JobStatus.pending:
         if end_reason not in REQUEUE_REASONS:
             raise ValueError(f"requeue needs one of {sorted(REQUEUE_REASONS)}, not {end_reason}")
-        _close_allocation(session, job, now, end_reason, error)
+        _close_allocation(
+            session, job, now, end_reason, error, end_at or now, released, failed_rank
+        )
         job.pending_reason = pending_reason or f"requeued after {end_reason.value}"
     elif current is JobStatus.running and to in _FINISH_REASONS:
         reason = end_reason or EndReason(to.value)
         if reason not in _FINISH_REASONS[to]:
             raise ValueError(f"{to.value} cannot end with reason {reason.value}")
-        _close_allocation(session, job, now, reason, error)
+        _close_allocation(session, job, now, reason, error, end_at or now, released, failed_rank)
         job.finished_at = now
     else:
         raise Conflict(f"job {job_id} cannot go from {current.value} to {to.value}")
@@ -157,11 +196,20 @@ def _open_allocation(session: Session, job: Job, placement: PlacementRecord, now
             gpu = by_id.get(gid)
             if gpu is None or gpu.node_id != worker.node_id:
                 raise Conflict(f"GPU {gid} is not on node {worker.node_id}")
-            if nodes[gpu.node_id].provider_id != placement.provider_id:
+            node = nodes[gpu.node_id]
+            if node.provider_id != placement.provider_id:
                 raise Conflict(
                     f"node {gpu.node_id} is not a node of provider {placement.provider_id}"
                 )
-    alloc = Allocation(job_id=job.id, provider_id=placement.provider_id, started_at=now)
+            if node.site_id != placement.site_id:
+                raise Conflict(f"node {gpu.node_id} is not in site {placement.site_id}")
+    alloc = Allocation(
+        job_id=job.id,
+        provider_id=placement.provider_id,
+        site_id=placement.site_id,
+        started_at=now,
+        site_version=bump_site(session, placement.site_id),
+    )
     session.add(alloc)
     session.flush()
     assert alloc.id is not None
@@ -180,18 +228,32 @@ def _open_allocation(session: Session, job: Job, placement: PlacementRecord, now
 
 
 def _close_allocation(
-    session: Session, job: Job, now: datetime, reason: EndReason, error: str | None
+    session: Session,
+    job: Job,
+    now: datetime,
+    reason: EndReason,
+    error: str | None,
+    end_at: datetime,
+    released: bool,
+    failed_rank: int | None,
 ) -> None:
     assert job.id is not None
     alloc = open_allocation_of(session, job.id)
     if alloc is None:
         raise Conflict(f"job {job.id} is running but has no open allocation")
     assert alloc.id is not None
-    end = max(now, alloc.started_at)
+    end = max(min(end_at, now), alloc.running_at or alloc.started_at)
     alloc.ended_at = end
     alloc.end_reason = reason
     alloc.error = error
+    alloc.failed_rank = failed_rank
+    alloc.stop_reason = None
+    if released:
+        alloc.released_at = max(now, end)
+    alloc.site_version = bump_site(session, alloc.site_id)
     session.add(alloc)
+    if alloc.running_at is None or end <= alloc.running_at:
+        return  # the gang never ran (or not for a whole second): nothing to bill
     # Terms come from the allocation (fixed when it opened), not from the node as it is now.
     rows = session.exec(
         select(AllocationGpu, Gpu, Agreement)
@@ -199,7 +261,8 @@ def _close_allocation(
         .join(Agreement, col(Agreement.id) == col(AllocationGpu.agreement_id))
         .where(AllocationGpu.allocation_id == alloc.id)
     ).all()
-    start_s = int(alloc.started_at.timestamp() // 1)
+    start = alloc.running_at
+    start_s = int(start.timestamp() // 1)
     for ag, gpu, agreement in rows:
         assert gpu.id is not None and agreement.id is not None
         session.add(
@@ -208,14 +271,15 @@ def _close_allocation(
                 allocation_id=alloc.id,
                 job_id=job.id,
                 provider_id=agreement.provider_id,
+                site_id=alloc.site_id,
                 agreement_id=agreement.id,
                 node_id=ag.node_id,
                 gpu_id=gpu.id,
                 gpu_uuid=gpu.uuid,
                 gpu_model=ag.gpu_model,
                 level=agreement.level,
-                started_at=alloc.started_at,
+                started_at=start,
                 ended_at=end,
-                gpu_seconds=gpu_seconds(alloc.started_at, end),
+                gpu_seconds=gpu_seconds(start, end),
             )
         )

@@ -30,6 +30,7 @@ import io
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 from scheduler.domain.enums import PRIORITY_VALUES, PriorityClass
 from scheduler.sim.replay import TraceJob
@@ -48,11 +49,11 @@ def default_trace_path() -> Path:
     return Path(env) if env else PACKAGED_TRACE
 
 
-def open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> TextIO:
     """A CSV file, plain or gzip-compressed (by its ``.gz`` suffix), as text."""
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open(newline="", encoding="utf-8")  # type: ignore[return-value]
+    return path.open(newline="", encoding="utf-8")
 
 
 def priority_class(cluster: str, seed: int = PRIORITY_SEED) -> PriorityClass:

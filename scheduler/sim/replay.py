@@ -67,6 +67,8 @@ class NodeSpecLike(Protocol):
     def gpu_memory_bytes(self) -> int: ...
     @property
     def total_gpus(self) -> int: ...
+    @property
+    def site_id(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class NodeSpec:
     gpu_model: str
     gpu_memory_bytes: int
     total_gpus: int
+    site_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,7 @@ def replay(
                     gpu_memory_bytes=n.gpu_memory_bytes,
                     free_gpu_ids=tuple(sorted(free[n.node_id])),
                     total_gpus=n.total_gpus,
+                    site_id=n.site_id,
                 )
                 for n in cluster
             ]
@@ -303,6 +307,7 @@ def replay(
                     provider_id=r.placement.provider_id,
                     started_at_s=r.start_s,
                     gpus=r.gpus,
+                    site_id=r.placement.site_id,
                 )
                 for r in running.values()
             ]
@@ -404,8 +409,11 @@ def _validate(
     gpus: list[tuple[int, int]] = []
     for worker in placement.workers:
         node = nodes.get(worker.node_id)
-        if node is None or node.provider_id != placement.provider_id:
-            raise InvalidDecision(f"job {job.job_id}: node {worker.node_id} not in provider")
+        if node is None or (node.provider_id, node.site_id) != (
+            placement.provider_id,
+            placement.site_id,
+        ):
+            raise InvalidDecision(f"job {job.job_id}: node {worker.node_id} not in the site")
         if not node_matches(_request(job, 0), node.gpu_model, node.gpu_memory_bytes):
             raise InvalidDecision(f"job {job.job_id}: node {node.node_id} does not match")
         if len(worker.gpu_ids) != job.gpus_per_worker:

@@ -45,7 +45,7 @@ def test_an_agent_replaying_real_nvml_registers_the_recorded_gpu(
         server, tokens["orion"], "--name", "gpu-host-1", "--replay", str(FIXTURES / recording)
     )
     assert result.exit_code == 0, result.output
-    assert f"node gpu-host-1 (orion, committed): 1 GPU(s) {model}" in result.output
+    assert f"node gpu-host-1 (orion, site orion, committed): 1 GPU(s) {model}" in result.output
     with ApiClient(server.url, tokens["partner"]) as api:
         (node,) = api.nodes()
     (gpu,) = node.gpus

@@ -173,10 +173,7 @@ def test_an_agent_registers_heartbeats_and_its_node_shows_its_gpus(server, fleet
         fleet["vega"],
         "POST",
         "/v1/nodes/vega-2/heartbeat",
-        json={
-            "ray_joined": True,
-            "gpus": [{"uuid": "GPU-v2-0", "health": "ok", "utilization_pct": 87}],
-        },
+        json={"gpus": [{"uuid": "GPU-v2-0", "health": "ok", "utilization_pct": 87}]},
     )
     assert hb.status_code == 200, hb.text
     gpus = {g["uuid"]: g for g in hb.json()["gpus"]}

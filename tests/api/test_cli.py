@@ -39,7 +39,8 @@ def test_submit_list_show_and_cancel_a_job(env, tmp_path: Path) -> None:  # type
     spec.write_text("name: t1\nmodel: m\nentrypoint: echo hi\npriority: low\nworking_dir: .\n")
     out = run(env, "submit", str(spec))
     assert out.exit_code == 0, out.output
-    job_id = out.output.split()[1]
+    assert "code: " in out.stderr and "1 files" in out.stderr and "(uploaded)" in out.stderr
+    job_id = out.stdout.split()[1]
     listed = run(env, "jobs")
     assert "t1" in listed.output and "pending" in listed.output
     shown = run(env, "job", job_id)
@@ -77,7 +78,7 @@ def test_submit_list_show_and_cancel_a_job(env, tmp_path: Path) -> None:  # type
         ),
         ("name: t\nmodel: m\nentrypoint: x\nworkers: two\n", "workers: must be a whole number"),
         ("- just\n- a list\n", "expected a mapping"),
-        ("name: [unclosed\n", "bad.yaml\", line 2"),
+        ("name: [unclosed\n", 'bad.yaml", line 2'),
     ],
 )
 def test_submit_rejects_a_bad_spec_before_sending_it_and_says_why(

@@ -14,6 +14,8 @@ from scheduler.policy.types import WorkerPlacement
 from scheduler.services.transitions import (
     PlacementRecord,
     gpu_seconds,
+    mark_running,
+    open_allocation_of,
     transition_job,
 )
 from scheduler.services.usage import usage_by_provider
@@ -29,19 +31,26 @@ def _gpus(session, node) -> list[int]:  # type: ignore[no-untyped-def]
     ]
 
 
-def _place(session, job, prov, node, gpu_ids, at):  # type: ignore[no-untyped-def]
+def _place(session, job, prov, node, gpu_ids, at, *, running_after_s: float | None = 0):  # type: ignore[no-untyped-def]
+    """Open the allocation at ``at``; the site reports its gang running ``running_after_s``
+    later (None: never)."""
     per = job.gpus_per_worker
     workers = tuple(
         WorkerPlacement(rank=r, node_id=node.id, gpu_ids=tuple(gpu_ids[r * per : (r + 1) * per]))
         for r in range(job.num_workers)
     )
-    return transition_job(
+    placed = transition_job(
         session,
         job_id=job.id,
         to=JobStatus.running,
         now=at,
-        placement=PlacementRecord(provider_id=prov.id, workers=workers),
+        placement=PlacementRecord(provider_id=prov.id, site_id=node.site_id, workers=workers),
     )
+    if running_after_s is not None:
+        alloc = open_allocation_of(session, job.id)
+        ran = at + timedelta(seconds=running_after_s)
+        assert mark_running(session, alloc=alloc, at=ran, now=ran)
+    return placed
 
 
 @pytest.mark.parametrize(
@@ -107,6 +116,84 @@ def test_a_placement_on_another_providers_node_is_refused(session_of) -> None:  
         _place(s, job, orion, node, _gpus(s, node), T0)
 
 
+def test_a_gang_across_two_sites_of_one_provider_is_refused(session_of) -> None:  # type: ignore[no-untyped-def]
+    with session_of() as s:
+        orion = f.provider(s, "orion", sites=("orion-east", "orion-west"))
+        job = f.job(s, workers=2)  # submitted before the fleet existed: no fleet check
+        east = f.node(s, orion, "east-1", gpus=1, site="orion-east")
+        west = f.node(s, orion, "west-1", gpus=1, site="orion-west")
+        workers = (
+            WorkerPlacement(rank=0, node_id=east.id, gpu_ids=tuple(_gpus(s, east))),
+            WorkerPlacement(rank=1, node_id=west.id, gpu_ids=tuple(_gpus(s, west))),
+        )
+    with pytest.raises(Conflict, match="not in site"), session_of() as s:
+        transition_job(
+            s,
+            job_id=job.id,
+            to=JobStatus.running,
+            now=T0,
+            placement=PlacementRecord(provider_id=orion.id, site_id=east.site_id, workers=workers),
+        )
+
+
+def test_billing_starts_when_the_site_reports_the_gang_running_not_at_the_decision(
+    session_of,
+) -> None:  # type: ignore[no-untyped-def]
+    """Time Ray spends reserving the bundles is start-up, not credited."""
+    with session_of() as s:
+        prov = f.provider(s, "orion")
+        node = f.node(s, prov, "orion-1", gpus=2)
+        job = f.job(s, gpus_per_worker=2)
+        _place(s, job, prov, node, _gpus(s, node), T0, running_after_s=40)
+    with session_of() as s:
+        transition_job(s, job_id=job.id, to=JobStatus.completed, now=T0 + timedelta(seconds=100))
+    with session_of() as s:
+        rows = s.exec(select(UsageInterval)).all()
+        assert [r.gpu_seconds for r in rows] == [60, 60]
+        assert {r.started_at for r in rows} == {T0 + timedelta(seconds=40)}
+
+
+def test_an_allocation_whose_gang_never_ran_bills_nothing(session_of) -> None:  # type: ignore[no-untyped-def]
+    with session_of() as s:
+        prov = f.provider(s, "orion")
+        node = f.node(s, prov, "orion-1", gpus=1)
+        job = f.job(s)
+        _place(s, job, prov, node, _gpus(s, node), T0, running_after_s=None)
+    with session_of() as s:
+        transition_job(
+            s,
+            job_id=job.id,
+            to=JobStatus.pending,
+            now=T0 + timedelta(seconds=300),
+            end_reason=EndReason.node_lost,
+        )
+    with session_of() as s:
+        assert s.exec(select(UsageInterval)).all() == []
+        assert s.exec(select(Allocation)).one().end_reason == EndReason.node_lost
+
+
+def test_an_end_in_the_past_bills_up_to_that_moment_only(session_of) -> None:  # type: ignore[no-untyped-def]
+    """A node that went silent: the allocation ends at its last heartbeat, not when the
+    control plane noticed."""
+    with session_of() as s:
+        prov = f.provider(s, "orion")
+        node = f.node(s, prov, "orion-1", gpus=1)
+        job = f.job(s)
+        _place(s, job, prov, node, _gpus(s, node), T0)
+    with session_of() as s:
+        transition_job(
+            s,
+            job_id=job.id,
+            to=JobStatus.pending,
+            now=T0 + timedelta(seconds=90),
+            end_reason=EndReason.node_lost,
+            end_at=T0 + timedelta(seconds=42),
+        )
+    with session_of() as s:
+        assert s.exec(select(UsageInterval)).one().gpu_seconds == 42
+        assert s.exec(select(Allocation)).one().ended_at == T0 + timedelta(seconds=42)
+
+
 def test_preempt_and_resume_gives_two_allocations_and_never_overlapping_usage(session_of) -> None:  # type: ignore[no-untyped-def]
     with session_of() as s:
         prov = f.provider(s, "vega", CommitmentLevel.spot)
@@ -168,7 +255,7 @@ def test_provider_gpu_seconds_equal_the_sum_over_its_allocations(session_of) -> 
                 select(func.count(col(AllocationGpu.id))).where(AllocationGpu.allocation_id == a.id)
             ).one()
             expected[a.provider_id] = expected.get(a.provider_id, 0) + n * gpu_seconds(
-                a.started_at, a.ended_at
+                a.running_at, a.ended_at
             )  # type: ignore[arg-type]
         assert by_provider == {"orion": expected[orion.id], "vega": expected[vega.id]}
         assert by_provider == {"orion": 3 * 100 + 1 * 56, "vega": 2 * 3593}

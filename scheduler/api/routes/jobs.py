@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, BackgroundTasks, Path, Query, status
 
-from scheduler.api.deps import BackendDep, PrincipalDep, SessionDep
+from scheduler.api.deps import ChangesDep, PrincipalDep, SessionDep, SettingsDep
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import JobStatus, Role
 from scheduler.domain.jobspec import JobSpec
@@ -24,7 +24,9 @@ def submit(
     spec: JobSpec,
     session: SessionDep,
     who: PrincipalDep,
-    backend: BackendDep,
+    settings: SettingsDep,
+    changes: ChangesDep,
+    tasks: BackgroundTasks,
     allow_unknown_model: bool = Query(
         default=False, description="accept a GPU model no node of the fleet has had yet"
     ),
@@ -38,10 +40,11 @@ def submit(
         spec=spec,
         owner=who.name,
         now=utcnow(),
-        scheduler_running=backend is not None,
+        scheduler_running=settings.scheduler_enabled,
         allow_unknown_model=allow_unknown_model,
         allow_oversize=allow_oversize,
     )
+    tasks.add_task(changes.schedule)
     return svc.job_detail(session, job=job)
 
 
@@ -63,28 +66,35 @@ def get_job(job_id: JobId, session: SessionDep, who: PrincipalDep) -> JobDetail:
 
 
 @router.get("/{job_id}/logs", response_model=JobLogs)
-def get_logs(job_id: JobId, session: SessionDep, who: PrincipalDep, backend: BackendDep) -> JobLogs:
-    """Live output while the job runs; the kept tail once its workers are gone."""
+def get_logs(job_id: JobId, session: SessionDep, who: PrincipalDep) -> JobLogs:
+    """Each rank's output tail: refreshed by the site every few seconds while the job
+    runs (``live``), kept once its workers are gone."""
     who.require(Role.engineer)
     svc.get_job(session, job_id=job_id)
     alloc = svc.latest_allocation(session, job_id=job_id)
     if alloc is None or alloc.id is None:
         return JobLogs(job_id=job_id, allocation_id=None, live=False, logs={})
-    if alloc.ended_at is None and backend is not None and alloc.id in backend.active():
-        return JobLogs(
-            job_id=job_id, allocation_id=alloc.id, live=True, logs=backend.logs(alloc.id)
-        )
     return JobLogs(
         job_id=job_id,
         allocation_id=alloc.id,
-        live=False,
+        live=alloc.released_at is None,
         logs=svc.stored_logs(session, allocation_id=alloc.id),
     )
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail)
-def cancel(job_id: JobId, session: SessionDep, who: PrincipalDep) -> JobDetail:
-    """Cancel a pending or running job; the scheduler stops its workers within a cycle."""
+def cancel(
+    job_id: JobId,
+    session: SessionDep,
+    who: PrincipalDep,
+    changes: ChangesDep,
+    tasks: BackgroundTasks,
+) -> JobDetail:
+    """Cancel a pending or running job; its site stops the workers at once."""
     who.require(Role.engineer)
+    alloc = svc.latest_allocation(session, job_id=job_id)
     job = svc.cancel_job(session, job_id=job_id, now=utcnow())
+    if alloc is not None:
+        tasks.add_task(changes.sites, [alloc.site_id])
+    tasks.add_task(changes.schedule)
     return svc.job_detail(session, job=job)

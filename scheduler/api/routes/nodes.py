@@ -3,9 +3,9 @@ drain/cordon (admins and the owning provider)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, BackgroundTasks, Query
 
-from scheduler.api.deps import PrincipalDep, SessionDep, SettingsDep
+from scheduler.api.deps import ChangesDep, PrincipalDep, SessionDep, SettingsDep
 from scheduler.db.models import Node
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import Role
@@ -30,6 +30,8 @@ def register(
     session: SessionDep,
     who: PrincipalDep,
     settings: SettingsDep,
+    changes: ChangesDep,
+    tasks: BackgroundTasks,
     provider: str | None = Query(default=None, description="admins only: act for this provider"),
 ) -> NodeRegistered:
     """Called by the agent at start: creates or refreshes the node and its GPU inventory."""
@@ -43,11 +45,14 @@ def register(
     assert provider_id is not None
     node = svc.register_node(session, provider_id=provider_id, body=body, now=utcnow())
     public = _public(session, node)
+    tasks.add_task(changes.schedule)
     return NodeRegistered(
         node=public,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         node_lost_after_s=settings.node_lost_after_s,
-        ray_labels=node_labels(node=public.name, provider=public.provider, level=public.level),
+        ray_labels=node_labels(
+            node=public.name, provider=public.provider, site=public.site, level=public.level
+        ),
     )
 
 
@@ -80,10 +85,16 @@ def get_node(name: str, session: SessionDep, who: PrincipalDep) -> NodePublic:
 
 @router.post("/{name}/status", response_model=NodePublic)
 def set_status(
-    name: str, body: NodeStatusChange, session: SessionDep, who: PrincipalDep
+    name: str,
+    body: NodeStatusChange,
+    session: SessionDep,
+    who: PrincipalDep,
+    changes: ChangesDep,
+    tasks: BackgroundTasks,
 ) -> NodePublic:
     """Drain (no new work; running work finishes), cordon, or make ready again."""
     node = svc.get_node(session, name=name)
     who.require_provider(node.provider_id)
     svc.set_node_status(session, node=node, status=body.status, reason=body.reason)
+    tasks.add_task(changes.schedule)
     return _public(session, node)
