@@ -130,6 +130,8 @@ class Agent:
                 f"the site's Ray token is not at {token}: copy it from the head host "
                 "(--ray-token-file)"
             )
+        if opts.ray == "worker" and opts.ray_address:
+            _require_reachable(opts.ray_address)
         self.ray = RayNode(
             address=opts.ray_address if opts.ray == "worker" else None,
             token_file=token,
@@ -248,6 +250,17 @@ class Agent:
             if self.ray is not None:
                 self.ray.stop()
             self.reader.close()
+
+
+def _require_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, and say so, when the site's head cannot be reached at all: ``ray start``
+    would otherwise retry for minutes with only its own warnings."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"cannot reach Ray at {address}: {exc}") from exc
 
 
 def _memory_bytes() -> int:

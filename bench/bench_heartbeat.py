@@ -41,6 +41,7 @@ from scheduler.db.migrate import upgrade  # noqa: E402
 from scheduler.db.types import utcnow  # noqa: E402
 from scheduler.domain.enums import CommitmentLevel, Role  # noqa: E402
 from scheduler.services.providers import add_agreement, create_provider  # noqa: E402
+from scheduler.services.sites import create_site  # noqa: E402
 from scheduler.services.tokens import create_token  # noqa: E402
 
 PG_URL = os.environ.get("DATABASE_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -56,6 +57,7 @@ def prepare(url: str) -> str:
     with session_scope(engine) as s:
         p = create_provider(s, name="bench")
         add_agreement(s, provider=p, level=CommitmentLevel.reserved, starts_at=utcnow())
+        create_site(s, provider=p, name="bench")
         _, token = create_token(s, name="bench-agents", role=Role.provider, provider_name="bench")
     engine.dispose()
     return token
@@ -141,7 +143,6 @@ def measure(
                 "POST",
                 f"/v1/nodes/{name}/heartbeat",
                 {
-                    "ray_joined": True,
                     "gpus": [
                         {
                             "uuid": f"GPU-{name}-{g}",

@@ -3,7 +3,7 @@ costs the work that runs.
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/bench_sites.py [--rounds 10] [--workers 2] [--jobs 20]
+    .venv/bin/python bench/bench_sites.py [--rounds 20] [--workers 2] [--jobs 20]
 
 Table 1, submit -> every worker running, alternating in the same run on the same site:
 - andromeda: ``POST /v1/jobs``; the scheduler places the gang; the site's agent, long-polling
@@ -11,8 +11,8 @@ Table 1, submit -> every worker running, alternating in the same run on the same
   entrypoints; measured to the moment the last worker started (the allocation's
   ``running_at``, written from the site's report);
 - raw Ray: a driver connected to the same site creates the same placement group (same
-  bundles, pinned by the same node labels) and the same worker actors, and starts the same
-  entrypoints; measured to the moment the last one started.
+  bundles, pinned by the same node labels, detached) and the same worker actors (detached,
+  named), and starts the same entrypoints; measured to the moment the last one started.
 
 Table 2, a control-plane restart with ``--jobs`` jobs running: the same jobs once without a
 restart (the baseline) and once with ``kill -9`` of the server while they run, and a
@@ -109,11 +109,16 @@ def raw_round(ray: object, worker_cls: object, nodes: list[str], scratch: str, n
     pg = placement_group(
         [{"CPU": 1.0, "GPU": 1.0} for _ in nodes],
         strategy="PACK",
+        name=f"raw{n}",
+        lifetime="detached",
         bundle_label_selector=[{NODE_LABEL: node} for node in nodes],
     )
     r.get(pg.ready())  # type: ignore[attr-defined]
     actors = [
         worker_cls.options(  # type: ignore[attr-defined]
+            name=f"raw{n}-r{i}",
+            lifetime="detached",
+            max_restarts=0,
             num_gpus=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=i
@@ -223,7 +228,7 @@ def run_jobs(stack: LocalStack, jobs: int, seconds: int, *, restart: bool) -> di
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--job-seconds", type=int, default=20)

@@ -34,7 +34,8 @@ from scheduler.schemas import Assignment, SiteAssignments, SiteEvent, SiteReport
 log = logging.getLogger(__name__)
 
 POLL_WAIT_S = 25.0
-TICK_S = 0.05
+TICK_S = 0.05  # how often Ray is polled while nothing is starting
+FAST_TICK_S = 0.01  # ... and while a gang is being placed or launched
 
 
 class SiteAgent:
@@ -89,7 +90,7 @@ class SiteAgent:
     def serve(self) -> None:
         while not self.stop_event.is_set():
             self.step()
-            self._wake.wait(TICK_S)
+            self._wake.wait(FAST_TICK_S if self.launcher.starting() else TICK_S)
             self._wake.clear()
 
     def step(self) -> None:

@@ -227,6 +227,11 @@ class SiteLauncher:
         with self._lock:
             return set(self._handles)
 
+    def starting(self) -> bool:
+        """Whether a gang is being placed or launched (worth polling Ray more often)."""
+        with self._lock:
+            return any(h.phase in ("reserving", "launching") for h in self._handles.values())
+
     def start(self, a: Assignment, *, package: Path | None) -> None:
         """Create the allocation's placement group; returns at once (see :meth:`poll`).
         ``package`` is the job's verified code zip, or None; Ray's object store carries it

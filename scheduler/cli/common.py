@@ -50,7 +50,8 @@ def handle_errors(func: F) -> F:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except ConnectionError as exc:
-            click.echo(f"error: {exc} (is `andromeda server` running?)", err=True)
+            hint = " (is `andromeda server` running?)" if "http" in str(exc) else ""
+            click.echo(f"error: {exc}{hint}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
