@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/bench_policy.py
 	$(BIN)/python bench/bench_sites.py
 	$(BIN)/python bench/bench_heartbeat.py
+	$(BIN)/python bench/bench_statements.py
 
 lint: install
 	$(BIN)/ruff check scheduler agents tests bench examples

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scheduler.domain.periods import Grain
+
 DEFAULT_DATA_DIR = Path.home() / ".andromeda"
 
 
@@ -38,4 +40,18 @@ class Settings(BaseSettings):
     )
     package_max_bytes: int = Field(
         default=100 * 2**20, ge=1024, description="largest code package a job may upload"
+    )
+    period: Grain = Field(
+        default=Grain.month,
+        description="accounting period of statements (month; day, hour, minute for demos)",
+    )
+    ledger_tick_s: int = Field(
+        default=3600,
+        ge=1,
+        le=3600,
+        description="running allocations are metered at least this often (and at every "
+        "period boundary)",
+    )
+    currency: str = Field(
+        default="USD", pattern=r"^[A-Z]{3}$", description="the settlement currency"
     )

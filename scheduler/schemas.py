@@ -223,6 +223,10 @@ class UsageReport(BaseModel):
     end: datetime
     rows: list[UsageRow]
     total_gpu_seconds: int
+    complete_up_to: datetime = Field(
+        description="every GPU-second before this instant is in the report; running "
+        "allocations are metered by the ledger tick, at least hourly"
+    )
 
 
 # --- sites: the pull protocol between the control plane and each site's agent ---------------
@@ -339,3 +343,175 @@ def _clean_tails(v: Any) -> Any:
 class SiteReportResult(BaseModel):
     accepted: list[str] = Field(description="event keys recorded now or before")
     version: int
+
+
+# --- models, revenue, statements --------------------------------------------------------
+class ModelCreate(_In):
+    name: str = Field(min_length=1, max_length=100, description="lower-case model name")
+    description: str = Field(default="", max_length=1000)
+
+
+class ModelVersionCreate(_In):
+    version: str = Field(min_length=1, max_length=50)
+    parent: str | None = Field(
+        default=None, max_length=151, description="name:version this one was fine-tuned from"
+    )
+
+
+class ModelVersionPublic(BaseModel):
+    reference: str = Field(description="name:version, as a job spec names it")
+    version: str
+    parent: str | None
+    created_at: datetime
+
+
+class ModelPublic(BaseModel):
+    name: str
+    description: str
+    created_at: datetime
+    versions: list[ModelVersionPublic]
+
+
+class VersionHoursRow(BaseModel):
+    provider: str
+    level: CommitmentLevel
+    gpu_model: str
+    job_status: JobStatus
+    gpu_seconds: int
+    gpu_hours: str
+    counts_for_revenue: bool
+
+
+class VersionHours(BaseModel):
+    reference: str
+    ancestors: list[str] = Field(description="parent first")
+    rows: list[VersionHoursRow]
+
+
+class RevenueEventIn(_In):
+    """One revenue event. ``amount`` is decimal text in the settlement currency."""
+
+    key: str = Field(min_length=1, max_length=200, description="idempotency key")
+    stream: Literal[
+        "api_usage",
+        "subscription",
+        "upgrade",
+        "licence",
+        "consulting",
+        "custom_dev",
+        "dedicated_capacity",
+    ]
+    occurred_at: AwareDatetime
+    amount: str = Field(min_length=1, max_length=32, description='decimal text, e.g. "12.34"')
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    model: str | None = Field(default=None, max_length=151, description="name:version")
+    provider: str | None = Field(
+        default=None, max_length=63, description="sourcing / facilitating / buying provider"
+    )
+    calls: int | None = Field(default=None, ge=0, le=INT64_MAX, description="api_usage")
+    upgrades: int | None = Field(default=None, ge=1, le=INT32_MAX, description="upgrade")
+    rate: str | None = Field(default=None, max_length=20, description="custom_dev: 0.05-0.10")
+    description: str = Field(default="", max_length=500)
+
+
+class RevenueItemResult(BaseModel):
+    index: int
+    key: str | None
+    status: Literal["recorded", "duplicate", "conflict", "invalid"]
+    detail: str | None = None
+    id: int | None = None
+
+
+class RevenueBatchResult(BaseModel):
+    recorded: int
+    duplicates: int
+    rejected: int
+    items: list[RevenueItemResult]
+
+
+class AdjustmentCreate(_In):
+    amount: str = Field(min_length=1, max_length=32, description="decimal text; negative ok")
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class AdjustmentPublic(BaseModel):
+    id: int
+    provider: str
+    amount_micros: int
+    reason: str
+    created_by: str
+    created_at: datetime
+    statement_period: str | None
+
+
+class StatementLine(BaseModel):
+    line: int
+    kind: Literal[
+        "usage", "commitment", "revenue_share", "volume_bonus", "discount", "adjustment", "carry"
+    ]
+    description: str
+    amount_micros: int = Field(description="added to the total (0 for what only informs)")
+    amount: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class StatementPublic(BaseModel):
+    provider: str
+    period: str
+    period_start: datetime
+    period_end: datetime
+    status: Literal["draft", "approved", "paid"]
+    currency: str
+    policy_version: int
+    cutoff_at: datetime | None = Field(description="revenue events received up to here")
+    ledger_complete_up_to: datetime
+    lines: list[StatementLine]
+    total_micros: int
+    total: str
+    payable_micros: int = Field(description="the total down to a whole cent; the rest carries")
+    payable: str
+    content_hash: str
+    approved_at: datetime | None
+    approved_by: str | None
+    paid_at: datetime | None
+    payment_reference: str | None
+
+
+class StatementExplanation(BaseModel):
+    provider: str
+    period: str
+    line: StatementLine
+    derivation: list[str] = Field(description="the computation, step by step")
+    rows: list[dict[str, Any]] = Field(description="the rows behind it (the first ones)")
+    rows_total: int
+
+
+class StatementVerification(BaseModel):
+    provider: str
+    period: str
+    stored_hash: str
+    recomputed_hash: str
+    matches: bool
+
+
+class PaymentIn(_In):
+    payment_reference: str = Field(min_length=1, max_length=200)
+
+
+class RewardPolicyIn(_In):
+    effective_from: AwareDatetime
+    rates: dict[str, str] = Field(default_factory=dict, max_length=50)
+    bonus_tiers: list[dict[str, str]] | None = Field(default=None, max_length=50)
+    gpu_weights: dict[str, str] | None = Field(default=None, max_length=200)
+    ancestor_weight: str | None = Field(default=None, max_length=20)
+    note: str = Field(default="", max_length=500)
+
+
+class RewardPolicyPublic(BaseModel):
+    version: int
+    effective_from: datetime
+    rates: dict[str, str]
+    bonus_tiers: list[dict[str, str]]
+    gpu_weights: dict[str, str]
+    ancestor_weight: str
+    note: str

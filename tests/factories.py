@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from scheduler.db.models import Job, Node, Provider, Site
 from scheduler.db.types import utcnow
@@ -86,10 +86,12 @@ def job(
     now: datetime | None = None,
     entrypoint: str = "true",
     allow_unknown_model: bool = False,
+    model: str = "m1:v1",
 ) -> Job:
+    ensure_model_version(session, model)
     spec = JobSpec(
         name=name,
-        model="m1",
+        model=model,
         entrypoint=entrypoint,
         priority=priority,
         preemptible=preemptible,
@@ -107,8 +109,88 @@ def job(
     )
 
 
+def ensure_model_version(session: Session, reference: str, parent: str | None = None) -> str:
+    """Register ``name:version`` (and its model) unless it exists; returns the reference."""
+    from scheduler.attribution import lineage
+    from scheduler.db.models import Model
+
+    ref = lineage.parse_reference(reference)
+    model = session.exec(select(Model).where(Model.name == ref.model)).first()
+    if model is None:
+        model = lineage.create_model(session, name=ref.model, description="", created_by="tests")
+    try:
+        lineage.resolve(session, ref)
+    except Exception:
+        lineage.create_version(
+            session, model=model, version=ref.version, parent=parent, created_by="tests"
+        )
+    return reference
+
+
 def token(session: Session, role: Role, provider_name: str | None = None) -> str:
     _, secret = create_token(
         session, name=f"{role.value}-token", role=role, provider_name=provider_name
     )
     return secret
+
+
+def gpu_ids(session: Session, node_row: Node) -> list[int]:
+    from sqlmodel import col
+
+    from scheduler.db.models import Gpu
+
+    return [
+        g.id  # type: ignore[misc]
+        for g in session.exec(
+            select(Gpu).where(Gpu.node_id == node_row.id).order_by(col(Gpu.index))
+        )
+    ]
+
+
+def run(
+    session: Session,
+    job_row: Job,
+    node_row: Node,
+    at: datetime,
+    *,
+    gpus: list[int] | None = None,
+    running_after_s: float | None = 0,
+) -> None:
+    """Place ``job_row`` on ``node_row`` at ``at``, as the scheduler would, and (unless
+    ``running_after_s`` is None) have its site report the gang running that much later."""
+    from datetime import timedelta
+
+    from scheduler.domain.enums import JobStatus
+    from scheduler.policy.types import WorkerPlacement
+    from scheduler.services.transitions import (
+        PlacementRecord,
+        mark_running,
+        open_allocation_of,
+        transition_job,
+    )
+
+    ids = gpus if gpus is not None else gpu_ids(session, node_row)
+    per = job_row.gpus_per_worker
+    workers = tuple(
+        WorkerPlacement(rank=r, node_id=node_row.id, gpu_ids=tuple(ids[r * per : (r + 1) * per]))  # type: ignore[arg-type]
+        for r in range(job_row.num_workers)
+    )
+    transition_job(
+        session,
+        job_id=job_row.id,  # type: ignore[arg-type]
+        to=JobStatus.running,
+        now=at,
+        placement=PlacementRecord(
+            provider_id=node_row.provider_id, site_id=node_row.site_id, workers=workers
+        ),
+    )
+    if running_after_s is not None:
+        alloc = open_allocation_of(session, job_row.id)  # type: ignore[arg-type]
+        ran = at + timedelta(seconds=running_after_s)
+        assert alloc is not None and mark_running(session, alloc=alloc, at=ran, now=ran)
+
+
+def get_provider(session: Session, name: str) -> Provider:
+    from scheduler.services.providers import get_provider as by_name
+
+    return by_name(session, name=name)

@@ -149,6 +149,7 @@ def test_the_demo_completes_every_job_and_stops_without_a_traceback(tmp_path: Pa
     assert "done: 4 of 4 jobs completed" in out.stdout
     assert "resuming:" in out.stdout, "the preempted sweep resumed from its checkpoint"
     assert "GPU-hours per provider" in out.stdout
+    assert "orion-dc's statement for" in out.stdout and "revenue_share" in out.stdout
     for log in (data / "logs").glob("*.log"):
         text = log.read_text(errors="replace")
         assert "Traceback" not in text and "SIGTERM received" not in text, (log, text[-2000:])

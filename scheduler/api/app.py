@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from scheduler import __version__
 from scheduler.api import errors
 from scheduler.api.notify import Changes, SiteNotifier
-from scheduler.api.routes import admin, jobs, nodes, packages, sites, usage
+from scheduler.api.routes import admin, attribution, jobs, nodes, packages, sites, usage
 from scheduler.config import Settings
 from scheduler.db.engine import make_engine
 from scheduler.loop.cycle import Scheduler, SchedulerThread
@@ -42,6 +42,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                 node_lost_after_s=settings.node_lost_after_s,
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 on_assignments=notifier.notify,
+                grain=settings.period,
+                ledger_tick_s=settings.ledger_tick_s,
             )
             thread = SchedulerThread(sched, settings.scheduler_interval_s)
             changes.wake_scheduler = thread.wake
@@ -66,7 +68,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.changes = changes
     app.state.scheduler_thread = None
     errors.install(app)
-    for module in (admin, nodes, sites, packages, jobs, usage):
+    for module in (admin, nodes, sites, packages, jobs, usage, attribution):
         app.include_router(module.router, prefix="/v1")
 
     @app.get("/healthz", tags=["health"])

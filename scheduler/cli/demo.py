@@ -15,10 +15,12 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
+from scheduler.cli.attribution import render_statement
 from scheduler.cli.jobs import load_spec, ship_code
 from scheduler.cli.localstack import LocalStack, stop_recorded
 from scheduler.cli.output import table
@@ -46,6 +48,17 @@ NODES = (  # the first node of a provider is its site's head host
     DemoNode("nebula-h200-1", "nebula-cloud", "4xH200-141GB"),
     DemoNode("vega-h100-1", "vega-spot", "4xH100-80GB"),
 )
+MODELS = (  # name:version, parent: what the example jobs train
+    ("andromeda-mini:v1", None),
+    ("andromeda-mini:v1-ft", "andromeda-mini:v1"),
+    ("andromeda-ranker:v0", None),
+)
+SAMPLE_REVENUE = (  # stream, amount, what it names, extra fields
+    ("api_usage", "250.00", {"model": "andromeda-mini:v1", "calls": 25_000}),
+    ("licence", "1000.00", {"model": "andromeda-mini:v1"}),
+    ("consulting", "2000.00", {"provider": "nebula-cloud"}),
+)
+STATEMENT_OF = "orion-dc"
 FIRST_WAVE = ("ddp-train.yaml", "sweep-low.yaml", "eval-h200.yaml")
 SECOND_WAVE = ("urgent-finetune.yaml",)
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -86,6 +99,16 @@ class Demo:
                 f"node {node.name} ready: {node.gpus} of {node.provider}, Ray {role} of site "
                 f"{node.provider}"
             )
+        models: set[str] = set()
+        for reference, parent in MODELS:
+            name, _, version = reference.partition(":")
+            if name not in models:
+                admin.request("POST", "/v1/models", json={"name": name})
+                models.add(name)
+            admin.request(
+                "POST", f"/v1/models/{name}/versions", json={"version": version, "parent": parent}
+            )
+        self.say("model versions registered: " + ", ".join(m for m, _ in MODELS))
         return admin
 
     def keep_message(self) -> None:
@@ -122,6 +145,7 @@ Stop everything it started:     andromeda down --data-dir {self.stack.data_dir}"
             ids += self._submit(eng, SECOND_WAVE)
             self._watch(eng, ids, until_running=None, extra_wait_s=0)
             code = self._report(eng, ids)
+            self._statement()
             if keep:
                 self.keep_message()
                 kept = True
@@ -249,6 +273,32 @@ Stop everything it started:     andromeda down --data-dir {self.stack.data_dir}"
         )
         self.say(f"done: {len(ids) - len(failed)} of {len(ids)} jobs completed")
         return 0 if not failed else 1
+
+    def _statement(self) -> None:
+        """A couple of sample revenue events, then one provider's statement for the period
+        (a draft: the month is still running)."""
+        pm = ApiClient(self.stack.server_url, self.stack.token(Role.partner_manager, "demo-pm"))
+        now = datetime.now(UTC)
+        events = [
+            {
+                "key": f"demo-{stream}-{now:%Y%m%dT%H%M%S}",
+                "stream": stream,
+                "amount": amount,
+                "occurred_at": now.isoformat(),
+                **extra,
+            }
+            for stream, amount, extra in SAMPLE_REVENUE
+        ]
+        pm.request("POST", "/v1/revenue-events", json=events)
+        self.say(
+            "sample revenue recorded: " + ", ".join(f"{s} {a} USD" for s, a, _ in SAMPLE_REVENUE)
+        )
+        period = now.strftime("%Y-%m")
+        click.echo(
+            f"\n{STATEMENT_OF}'s statement for {period} so far (andromeda statement "
+            f"{STATEMENT_OF} --period {period})"
+        )
+        render_statement(pm.request("GET", f"/v1/statements/{STATEMENT_OF}/{period}"), "table")
 
     def _show_failure(self, eng: ApiClient, job: JobDetail) -> None:
         """The failing rank's last lines: that is where the reason is, not rank 0's."""

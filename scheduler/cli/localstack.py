@@ -93,6 +93,7 @@ class LocalStack:
         node_lost_after_s: int = 20,
         report_interval_s: float = 2,
         database_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> ApiClient:
         """Fresh data dir, control plane (on SQLite in the data dir unless
         ``database_url``); returns an admin client."""
@@ -115,6 +116,7 @@ class LocalStack:
             ANDROMEDA_NODE_LOST_AFTER_S=str(node_lost_after_s),
             ANDROMEDA_SITE_REPORT_INTERVAL_S=str(report_interval_s),
             PYTHONUNBUFFERED="1",
+            **(extra_env or {}),
         )
         self.env.pop("ANDROMEDA_TOKEN", None)
         self.record.server_url = self.server_url

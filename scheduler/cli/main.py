@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from scheduler import __version__
-from scheduler.cli import admin, jobs
+from scheduler.cli import admin, attribution, jobs
 from scheduler.cli.agent import agent, site_agent
 from scheduler.cli.demo import demo, down, up
 
@@ -16,9 +16,9 @@ def cli() -> None:
     """Andromeda: place GPU training jobs on provider capacity and account every GPU-hour.
 
     \b
-    Engineers:         submit, jobs, job, logs, cancel
-    Providers:         agent, site-agent, nodes, node, site
-    Partner managers:  usage
+    Engineers:         model, submit, jobs, job, logs, cancel
+    Providers:         agent, site-agent, nodes, node, site, statement
+    Partner managers:  usage, revenue, statements, statement, adjust
     Control plane:     server, db, token, provider
     Try it locally:    demo, up, down
 
@@ -45,6 +45,11 @@ for command in (
     demo,
     up,
     down,
+    attribution.model,
+    attribution.revenue,
+    attribution.statement,
+    attribution.statements,
+    attribution.adjust,
 ):
     cli.add_command(command)
 

@@ -52,6 +52,8 @@ class Agreement(SQLModel, table=True):
     starts_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
     ends_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    # Reward rates this agreement sets instead of the policy's ({"api_usage": "0.12"}).
+    reward_overrides: dict[str, str] = Field(default_factory=dict, sa_type=JSON())
 
 
 class Site(SQLModel, table=True):
@@ -118,6 +120,7 @@ class Job(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=63)
     model_name: str = Field(max_length=200, index=True)
+    model_version_id: int | None = Field(default=None, foreign_key="model_version.id", index=True)
     owner: str = Field(max_length=100)
     priority_class: PriorityClass = Field(sa_type=str_enum(PriorityClass))
     priority: int
@@ -170,6 +173,9 @@ class Allocation(SQLModel, table=True):
     stop_deadline_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
     stop_reason: EndReason | None = Field(default=None, sa_type=str_enum(EndReason))
     site_version: int = Field(default=0, ge=0, sa_type=BigInteger())
+    # The ledger holds this allocation's GPU-seconds up to here (the ledger tick meters
+    # running work; the close writes the rest).
+    metered_until: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
 
 
 class AllocationEvent(SQLModel, table=True):
@@ -225,7 +231,10 @@ class UsageInterval(SQLModel, table=True):
     """
 
     __tablename__ = "usage_interval"
-    __table_args__ = (Index("ix_usage_provider_time", "provider_id", "started_at"),)
+    __table_args__ = (
+        Index("ix_usage_provider_time", "provider_id", "started_at"),
+        Index("ix_usage_start_s", "start_s"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     key: str = Field(max_length=200, unique=True)
@@ -241,7 +250,14 @@ class UsageInterval(SQLModel, table=True):
     level: CommitmentLevel = Field(sa_type=str_enum(CommitmentLevel))
     started_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
     ended_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    # floor(started_at) and floor(ended_at) in Unix seconds: gpu_seconds == end_s - start_s,
+    # and a report clips rows to a window with integer arithmetic in the database.
+    start_s: int = Field(sa_type=BigInteger())
+    end_s: int = Field(sa_type=BigInteger())
     gpu_seconds: int = Field(ge=0, sa_type=BigInteger())
+    # When the row reached the ledger: a statement counts the rows recorded up to its
+    # cutoff, so an approved statement recomputes to the same lines ever after.
+    recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
 
 
 class JobLog(SQLModel, table=True):
@@ -269,3 +285,108 @@ class ApiToken(SQLModel, table=True):
     prefix: str = Field(max_length=16)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+
+
+class Model(SQLModel, table=True):
+    """A model Andromeda trains; revenue is attributed to its versions."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100, unique=True, index=True)
+    description: str = Field(default="", max_length=1000)
+    created_by: str = Field(max_length=100)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+
+
+class ModelVersion(SQLModel, table=True):
+    """One version of a model; a fine-tune names the version it was tuned from."""
+
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(foreign_key="model.id", index=True)
+    version: str = Field(max_length=50)
+    parent_id: int | None = Field(default=None, foreign_key="model_version.id")
+    created_by: str = Field(max_length=100)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+
+
+class RevenueEvent(SQLModel, table=True):
+    """Money a model or a deal brought in. ``key`` is the sender's idempotency key: the same
+    key with the same content is recorded once; with other content it is refused (409)."""
+
+    __tablename__ = "revenue_event"
+    __table_args__ = (
+        Index("ix_revenue_time", "occurred_at"),
+        Index("ix_revenue_received", "received_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200, unique=True)
+    stream: str = Field(max_length=32)
+    occurred_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    amount_micros: int = Field(sa_type=BigInteger())
+    currency: str = Field(max_length=3)
+    model_version_id: int | None = Field(default=None, foreign_key="model_version.id")
+    provider_id: int | None = Field(default=None, foreign_key="provider.id")
+    units: int | None = Field(default=None, sa_type=BigInteger())  # API calls, upgrades
+    rate_ppm: int | None = None  # a custom development deal's agreed share, in parts per million
+    content_hash: str = Field(max_length=64)
+    description: str = Field(default="", max_length=500)
+
+
+class RewardPolicy(SQLModel, table=True):
+    """Reward rates, volume-bonus tiers and GPU-model weights, versioned; a version applies
+    to the periods that start on or after ``effective_from``."""
+
+    __tablename__ = "reward_policy"
+
+    version: int = Field(primary_key=True)
+    effective_from: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    rates: dict[str, str] = Field(default_factory=dict, sa_type=JSON())
+    bonus_tiers: list[dict[str, str]] = Field(default_factory=list, sa_type=JSON())
+    gpu_weights: dict[str, str] = Field(default_factory=dict, sa_type=JSON())
+    ancestor_weight: str = Field(max_length=20)
+    note: str = Field(default="", max_length=500)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+
+
+class Statement(SQLModel, table=True):
+    """What a provider delivered and earned in one period. A draft is recomputed from the
+    ledger whenever it is read; approval freezes its lines and their content hash (and the
+    instant up to which revenue events were taken, ``cutoff_at``); it never changes again."""
+
+    __table_args__ = (UniqueConstraint("provider_id", "period"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider_id: int = Field(foreign_key="provider.id", index=True)
+    period: str = Field(max_length=20)
+    period_start: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    status: str = Field(default="draft", max_length=16)
+    policy_version: int
+    cutoff_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    approved_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    approved_by: str | None = Field(default=None, max_length=100)
+    paid_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    paid_by: str | None = Field(default=None, max_length=100)
+    payment_reference: str | None = Field(default=None, max_length=200)
+    total_micros: int = Field(default=0, sa_type=BigInteger())
+    payable_micros: int = Field(default=0, sa_type=BigInteger())
+    content_hash: str | None = Field(default=None, max_length=64)
+    lines: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON())
+
+
+class StatementAdjustment(SQLModel, table=True):
+    """A correction a partner manager enters (GPU-hours invalidated, a dispute settled); it
+    lands on the provider's next statement to be approved, as a line of its own."""
+
+    __tablename__ = "statement_adjustment"
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider_id: int = Field(foreign_key="provider.id", index=True)
+    amount_micros: int = Field(sa_type=BigInteger())
+    reason: str = Field(max_length=500)
+    created_by: str = Field(max_length=100)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    statement_id: int | None = Field(default=None, foreign_key="statement.id")

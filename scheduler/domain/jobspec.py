@@ -48,7 +48,10 @@ class JobSpec(CleanText):
 
     name: Annotated[str, Field(pattern=NAME_RE, description="lower-case DNS label")]
     model: str = Field(
-        min_length=1, max_length=200, description="the model this job trains (attribution)"
+        min_length=3,
+        max_length=151,
+        description="the registered model version this job trains, name:version "
+        "(`andromeda model create`); revenue of that version is attributed to its GPU-hours",
     )
     entrypoint: str = Field(min_length=1, max_length=10_000)
     priority: PriorityClass = PriorityClass.normal

@@ -11,6 +11,8 @@ assignments changed. A cycle, in order:
      started, or after it could not reach its database, no node is marked lost (agents
      could not have reached it either).
   2. Timeouts: allocations past their job's ``max_runtime`` end ``timeout``.
+     The ledger tick: running allocations are metered (``services/ledger.py``) at least every
+     ``ledger_tick_s`` and at every period boundary.
   3. Decide: queue + capacity + running work -> the pure policy.
   4. Persist: preempt the victims and open each placement's allocation (both through
      ``transition_job``), give jobs left waiting the policy's reason, and wake the long
@@ -37,9 +39,11 @@ from scheduler.db.engine import session_scope
 from scheduler.db.models import Allocation, AllocationGpu, Job, Node
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import EndReason, JobStatus
+from scheduler.domain.periods import Grain, period_of
 from scheduler.errors import Conflict
 from scheduler.loop import snapshot
 from scheduler.policy import Placement, PolicyFn, RunningAllocation, schedule
+from scheduler.services.ledger import meter_running
 from scheduler.services.nodes import mark_lost_nodes
 from scheduler.services.sites import give_up_after_attempts
 from scheduler.services.transitions import PlacementRecord, transition_job
@@ -58,6 +62,7 @@ class CycleReport:
     started: list[int] = field(default_factory=list)
     pending: dict[int, str] = field(default_factory=dict)
     liveness_grace: bool = False  # nodes were not judged: the control plane just came back
+    metered_rows: int = 0  # usage rows the ledger tick wrote
     errors: int = 0  # items skipped because their step raised (logged with a traceback)
 
 
@@ -71,6 +76,8 @@ class Scheduler:
         policy: PolicyFn = schedule,
         clock: Callable[[], datetime] = utcnow,
         on_assignments: Callable[[set[int]], None] | None = None,
+        grain: Grain = Grain.month,
+        ledger_tick_s: int = 3600,
     ) -> None:
         self.engine = engine
         self.node_lost_after_s = node_lost_after_s
@@ -81,12 +88,16 @@ class Scheduler:
         self.clock = clock
         self.on_assignments = on_assignments or (lambda _sites: None)
         self._healthy_since: datetime | None = None  # None: not (yet) seen the database
+        self.grain = grain
+        self.ledger_tick_s = ledger_tick_s
+        self._metered_at: datetime | None = None
 
     def run_cycle(self) -> CycleReport:
         report = CycleReport()
         try:
             self._liveness(report)
             self._timeouts(report)
+            self._meter(report)
             self._decide_and_start(report)
         except DBAPIError:
             # The database is away: when it is back, give nodes the time to report again.
@@ -177,6 +188,7 @@ class Scheduler:
                 session,
                 job_id=job_id,
                 expect=(JobStatus.running,),
+                grain=self.grain,
                 **kwargs,  # type: ignore[arg-type]
             )
         except Conflict as exc:
@@ -215,6 +227,22 @@ class Scheduler:
         if site_id is not None:
             self.on_assignments({site_id})
             report.finished[job_id] = JobStatus.failed
+
+    def _meter(self, report: CycleReport) -> None:
+        """The ledger tick: due every ``ledger_tick_s``, and when a period boundary passed."""
+        now = self.clock()
+        last = self._metered_at
+        due = (
+            last is None
+            or (now - last).total_seconds() >= self.ledger_tick_s
+            or period_of(last, self.grain) != period_of(now, self.grain)
+        )
+        if not due:
+            return
+        with session_scope(self.engine) as session:
+            metered = meter_running(session, now=now, grain=self.grain)
+        self._metered_at = now
+        report.metered_rows = metered.rows
 
     def _guarded(self, step: Callable[..., None], *args: object, report: CycleReport) -> None:
         """Run one item's step; log and skip it on error, so that one bad item (a job the

@@ -11,10 +11,12 @@ from typing import Literal
 
 from sqlmodel import Session, col, func, select
 
+from scheduler.attribution import lineage
 from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider, Site
 from scheduler.domain.enums import JobStatus
 from scheduler.domain.gpu_models import model_matches
 from scheduler.domain.jobspec import JobSpec
+from scheduler.domain.periods import Grain
 from scheduler.errors import NotFound, ValidationFailed
 from scheduler.policy import JobRequest
 from scheduler.policy.placement import describe_constraint, node_matches
@@ -38,6 +40,10 @@ def submit_job(
     _check_against_fleet(
         session, spec, allow_unknown_model=allow_unknown_model, allow_oversize=allow_oversize
     )
+    try:
+        version = lineage.resolve(session, lineage.parse_reference(spec.model))
+    except ValueError as exc:
+        raise ValidationFailed("model", str(exc)) from None
     if spec.package and not packages.exists(session, sha256=spec.package):
         raise ValidationFailed(
             "package", f"{spec.package} has not been uploaded (PUT /v1/packages/{{sha256}})"
@@ -45,6 +51,7 @@ def submit_job(
     job = Job(
         name=spec.name,
         model_name=spec.model,
+        model_version_id=version.id,
         owner=owner,
         priority_class=spec.priority,
         priority=spec.priority.value_int,
@@ -149,7 +156,7 @@ def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int =
     return list(session.exec(stmt))
 
 
-def cancel_job(session: Session, *, job_id: int, now: datetime) -> Job:
+def cancel_job(session: Session, *, job_id: int, now: datetime, grain: Grain = Grain.month) -> Job:
     """Cancel a pending or running job; a running job's allocation ends ``cancelled``."""
     return transition_job(
         session,
@@ -157,6 +164,7 @@ def cancel_job(session: Session, *, job_id: int, now: datetime) -> Job:
         to=JobStatus.cancelled,
         now=now,
         expect=(JobStatus.pending, JobStatus.running),
+        grain=grain,
     )
 
 

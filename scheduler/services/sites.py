@@ -36,6 +36,7 @@ from scheduler.db.models import (
     Site,
 )
 from scheduler.domain.enums import EndReason, JobStatus
+from scheduler.domain.periods import Grain
 from scheduler.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from scheduler.schemas import (
     MAX_LOG_CHARS,
@@ -182,6 +183,7 @@ class ReportOutcome:
     """What a report changed; the API uses it to wake the scheduler when GPUs came free."""
 
     result: SiteReportResult
+    grain: Grain = Grain.month  # the accounting periods usage rows are cut at
     freed: bool = False
     joined: bool = False  # a node's Ray worker came up
     finished: dict[int, JobStatus] = field(default_factory=dict)
@@ -189,12 +191,17 @@ class ReportOutcome:
 
 
 def apply_report(
-    session: Session, *, site: Site, report: SiteReport, now: datetime
+    session: Session,
+    *,
+    site: Site,
+    report: SiteReport,
+    now: datetime,
+    grain: Grain = Grain.month,
 ) -> ReportOutcome:
     """Apply a site's events, reconcile what it holds, keep its live logs (module doc)."""
     assert site.id is not None
     previous_seen = site.last_seen_at
-    outcome = ReportOutcome(SiteReportResult(accepted=[], version=0))
+    outcome = ReportOutcome(SiteReportResult(accepted=[], version=0), grain=grain)
     touched: set[int] = set()
     for event in report.events:
         touched.add(event.allocation_id)
@@ -325,6 +332,7 @@ def _end(
         error=error,
         end_at=at,
         failed_rank=failed_rank,
+        grain=outcome.grain,
     )
     if to is JobStatus.pending:
         outcome.requeued[alloc.job_id] = reason

@@ -35,6 +35,12 @@ class Principal:
         wanted = ", ".join(r.value for r in (Role.admin, *roles))
         raise Forbidden(f"role {self.role.value} may not do this (needs one of: {wanted})")
 
+    def require_exactly(self, role: Role) -> None:
+        """Only ``role`` itself, not even an admin (a statement is approved by a partner
+        manager: the people who pay are not the people who approve)."""
+        if self.role is not role:
+            raise Forbidden(f"only a {role.value} token may do this (this is {self.role.value})")
+
     def require_provider(self, provider_id: int) -> None:
         """Provider tokens act only for their own provider; admins act for any."""
         if self.role is Role.admin:

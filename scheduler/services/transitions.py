@@ -38,19 +38,14 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from scheduler.db.engine import lock_for_update
-from scheduler.db.models import (
-    Agreement,
-    Allocation,
-    AllocationGpu,
-    Gpu,
-    Job,
-    Node,
-    Site,
-    UsageInterval,
-)
+from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, Node, Site
 from scheduler.domain.enums import EndReason, JobStatus
+from scheduler.domain.periods import Grain
 from scheduler.errors import Conflict, NotFound
 from scheduler.policy.types import WorkerPlacement
+from scheduler.services.ledger import gpu_seconds, write_usage
+
+__all__ = ["PlacementRecord", "gpu_seconds", "mark_running", "transition_job"]
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +64,6 @@ class PlacementRecord:
     provider_id: int
     site_id: int
     workers: tuple[WorkerPlacement, ...]
-
-
-def gpu_seconds(start: datetime, end: datetime) -> int:
-    """Whole GPU-seconds of [start, end), by telescoping floors (see the module docstring)."""
-    return max(0, int(end.timestamp() // 1) - int(start.timestamp() // 1))
 
 
 def open_allocation_of(session: Session, job_id: int) -> Allocation | None:
@@ -115,6 +105,7 @@ def transition_job(
     end_at: datetime | None = None,
     released: bool = False,
     failed_rank: int | None = None,
+    grain: Grain = Grain.month,
 ) -> Job:
     """Move a job to ``to`` and keep allocations and the ledger in step (see module doc).
 
@@ -124,7 +115,8 @@ def transition_job(
 
     When the job leaves ``running``: ``end_at`` is when the allocation really ended
     (default ``now``), ``released`` says the site has confirmed its workers gone (their
-    GPUs may be handed out again), ``failed_rank`` the first rank that failed.
+    GPUs may be handed out again), ``failed_rank`` the first rank that failed; the usage
+    rows it writes are cut at the boundaries of ``grain`` periods.
     """
     # populate_existing: a Job already in this session's identity map may be stale; the
     # locked read must see the committed row, or a concurrent move would be overwritten.
@@ -152,14 +144,16 @@ def transition_job(
         if end_reason not in REQUEUE_REASONS:
             raise ValueError(f"requeue needs one of {sorted(REQUEUE_REASONS)}, not {end_reason}")
         _close_allocation(
-            session, job, now, end_reason, error, end_at or now, released, failed_rank
+            session, job, now, end_reason, error, end_at or now, released, failed_rank, grain
         )
         job.pending_reason = pending_reason or f"requeued after {end_reason.value}"
     elif current is JobStatus.running and to in _FINISH_REASONS:
         reason = end_reason or EndReason(to.value)
         if reason not in _FINISH_REASONS[to]:
             raise ValueError(f"{to.value} cannot end with reason {reason.value}")
-        _close_allocation(session, job, now, reason, error, end_at or now, released, failed_rank)
+        _close_allocation(
+            session, job, now, reason, error, end_at or now, released, failed_rank, grain
+        )
         job.finished_at = now
     else:
         raise Conflict(f"job {job_id} cannot go from {current.value} to {to.value}")
@@ -236,13 +230,16 @@ def _close_allocation(
     end_at: datetime,
     released: bool,
     failed_rank: int | None,
+    grain: Grain,
 ) -> None:
     assert job.id is not None
     alloc = open_allocation_of(session, job.id)
     if alloc is None:
         raise Conflict(f"job {job.id} is running but has no open allocation")
     assert alloc.id is not None
-    end = max(min(end_at, now), alloc.running_at or alloc.started_at)
+    # Never before the allocation began, nor before what the ledger tick already metered
+    # (the GPUs were held until then: they are billed).
+    end = max(min(end_at, now), alloc.metered_until or alloc.running_at or alloc.started_at)
     alloc.ended_at = end
     alloc.end_reason = reason
     alloc.error = error
@@ -252,34 +249,4 @@ def _close_allocation(
         alloc.released_at = max(now, end)
     alloc.site_version = bump_site(session, alloc.site_id)
     session.add(alloc)
-    if alloc.running_at is None or end <= alloc.running_at:
-        return  # the gang never ran (or not for a whole second): nothing to bill
-    # Terms come from the allocation (fixed when it opened), not from the node as it is now.
-    rows = session.exec(
-        select(AllocationGpu, Gpu, Agreement)
-        .join(Gpu, col(Gpu.id) == col(AllocationGpu.gpu_id))
-        .join(Agreement, col(Agreement.id) == col(AllocationGpu.agreement_id))
-        .where(AllocationGpu.allocation_id == alloc.id)
-    ).all()
-    start = alloc.running_at
-    start_s = int(start.timestamp() // 1)
-    for ag, gpu, agreement in rows:
-        assert gpu.id is not None and agreement.id is not None
-        session.add(
-            UsageInterval(
-                key=f"{alloc.id}:{gpu.uuid}:{start_s}",
-                allocation_id=alloc.id,
-                job_id=job.id,
-                provider_id=agreement.provider_id,
-                site_id=alloc.site_id,
-                agreement_id=agreement.id,
-                node_id=ag.node_id,
-                gpu_id=gpu.id,
-                gpu_uuid=gpu.uuid,
-                gpu_model=ag.gpu_model,
-                level=agreement.level,
-                started_at=start,
-                ended_at=end,
-                gpu_seconds=gpu_seconds(start, end),
-            )
-        )
+    write_usage(session, alloc, until=end, grain=grain, now=now)

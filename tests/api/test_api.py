@@ -14,7 +14,7 @@ from tests import factories as f
 
 GOOD_JOB: dict[str, Any] = {
     "name": "mini-lm",
-    "model": "andromeda-mini",
+    "model": "andromeda-mini:v1",
     "entrypoint": "python train.py",
     "priority": "high",
     "workers": 2,
@@ -31,6 +31,7 @@ def fleet(session_of) -> dict[str, str]:  # type: ignore[no-untyped-def]
         vega = f.provider(s, "vega", CommitmentLevel.spot)
         f.node(s, orion, "orion-1", gpus=4)
         f.node(s, vega, "vega-1", gpus=4)
+        f.ensure_model_version(s, "andromeda-mini:v1")
         return {
             "admin": f.token(s, Role.admin),
             "engineer": f.token(s, Role.engineer),

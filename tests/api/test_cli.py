@@ -18,6 +18,7 @@ def env(server, session_of) -> dict[str, str]:  # type: ignore[no-untyped-def]
     with session_of() as s:
         orion = f.provider(s, "orion", CommitmentLevel.reserved)
         f.node(s, orion, "orion-1", gpus=4)
+        f.ensure_model_version(s, "m:v1")
         return {
             "ANDROMEDA_SERVER": server.url,
             "ANDROMEDA_TOKEN": f.token(s, Role.engineer),
@@ -36,7 +37,7 @@ def run(env: dict[str, str], *args: str, token: str | None = None):  # type: ign
 
 def test_submit_list_show_and_cancel_a_job(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     spec = tmp_path / "job.yaml"
-    spec.write_text("name: t1\nmodel: m\nentrypoint: echo hi\npriority: low\nworking_dir: .\n")
+    spec.write_text("name: t1\nmodel: m:v1\nentrypoint: echo hi\npriority: low\nworking_dir: .\n")
     out = run(env, "submit", str(spec))
     assert out.exit_code == 0, out.output
     assert "code: " in out.stderr and "1 files" in out.stderr and "(uploaded)" in out.stderr
@@ -55,28 +56,28 @@ def test_submit_list_show_and_cancel_a_job(env, tmp_path: Path) -> None:  # type
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
-        ("name: t\nmodel: m\n", "entrypoint: required, but missing"),
+        ("name: t\nmodel: m:v1\n", "entrypoint: required, but missing"),
         (
-            "name: t\nmodel: m\nentrypoint: x\ngpus_per_worker: 0\n",
+            "name: t\nmodel: m:v1\nentrypoint: x\ngpus_per_worker: 0\n",
             "gpus_per_worker: must be at least 1 (got 0)",
         ),
         (
-            "name: t\nmodel: m\nentrypoint: x\npriority: asap\n",
+            "name: t\nmodel: m:v1\nentrypoint: x\npriority: asap\n",
             "priority: must be one of 'critical', 'high', 'normal' or 'low' (got 'asap')",
         ),
         (
-            "name: t\nmodel: m\nentrypoint: x\ngpus: 2\n",
+            "name: t\nmodel: m:v1\nentrypoint: x\ngpus: 2\n",
             "gpus: unknown field; did you mean gpus_per_worker?",
         ),
         (
-            "name: t\nmodel: m\nentrypoint: x\ngpu: {modle: H100}\n",
+            "name: t\nmodel: m:v1\nentrypoint: x\ngpu: {modle: H100}\n",
             "gpu.modle: unknown field; did you mean model?",
         ),
         (
-            "name: Big_Job\nmodel: m\nentrypoint: x\n",
+            "name: Big_Job\nmodel: m:v1\nentrypoint: x\n",
             "name: must be a lower-case DNS label: letters, digits and '-'",
         ),
-        ("name: t\nmodel: m\nentrypoint: x\nworkers: two\n", "workers: must be a whole number"),
+        ("name: t\nmodel: m:v1\nentrypoint: x\nworkers: two\n", "workers: must be a whole number"),
         ("- just\n- a list\n", "expected a mapping"),
         ("name: [unclosed\n", 'bad.yaml", line 2'),
     ],
@@ -94,7 +95,7 @@ def test_submit_rejects_a_bad_spec_before_sending_it_and_says_why(
 
 def test_the_server_names_a_fleet_problem_the_spec_alone_cannot_show(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     spec = tmp_path / "big.yaml"
-    spec.write_text("name: big\nmodel: m\nentrypoint: x\ngpus_per_worker: 16\n")
+    spec.write_text("name: big\nmodel: m:v1\nentrypoint: x\ngpus_per_worker: 16\n")
     out = run(env, "submit", str(spec))
     assert out.exit_code == 1
     assert "HTTP 422: gpus_per_worker: 16 GPUs per worker, but the largest node has 4" in out.output
@@ -104,7 +105,7 @@ def test_a_gpu_model_the_fleet_never_had_is_refused_unless_it_is_about_to_join(
     env, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     spec = tmp_path / "b200.yaml"
-    spec.write_text("name: b200\nmodel: m\nentrypoint: x\ngpu: {model: B200}\n")
+    spec.write_text("name: b200\nmodel: m:v1\nentrypoint: x\ngpu: {model: B200}\n")
     out = run(env, "submit", str(spec))
     assert out.exit_code == 1
     assert "gpu.model: no node of the fleet has ever had B200 GPUs (the fleet has H100-80GB)" in (
@@ -119,7 +120,7 @@ def test_a_gang_no_site_could_hold_is_refused_unless_capacity_is_about_to_join(
     env, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     spec = tmp_path / "huge.yaml"
-    spec.write_text("name: huge\nmodel: m\nentrypoint: x\nworkers: 1000\n")
+    spec.write_text("name: huge\nmodel: m:v1\nentrypoint: x\nworkers: 1000\n")
     out = run(env, "submit", str(spec))
     assert out.exit_code == 1
     assert "workers: 1000 workers x 1 GPUs, but the largest site can hold 4 such workers" in (
@@ -133,7 +134,7 @@ def test_the_api_explains_unknown_fields_with_the_nearest_valid_one(env) -> None
 
     r = httpx.post(
         f"{env['ANDROMEDA_SERVER']}/v1/jobs",
-        json={"name": "t", "model": "m", "entrypoint": "x", "worker": 2},
+        json={"name": "t", "model": "m:v1", "entrypoint": "x", "worker": 2},
         headers={"Authorization": f"Bearer {env['ANDROMEDA_TOKEN']}"},
     )
     assert r.status_code == 422

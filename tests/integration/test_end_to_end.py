@@ -36,6 +36,8 @@ def plane(engine, db_url, launcher, session_of, tmp_path) -> Iterator[dict[str, 
         provider_token = f.token(s, Role.provider, "orion")
         engineer = f.token(s, Role.engineer)
         partner = f.token(s, Role.partner_manager)
+        for reference in ("andromeda-mini:v1", "m:v1"):  # what the jobs below train
+            f.ensure_model_version(s, reference)
     settings = Settings(
         database_url=db_url,
         scheduler_interval_s=0.5,
@@ -143,7 +145,7 @@ def test_cancelling_a_running_job_stops_its_workers_and_closes_its_allocation(pl
     job = api.submit(
         {
             "name": "sleeper",
-            "model": "m",
+            "model": "m:v1",
             "entrypoint": "sleep 600",
             "priority": "low",
             "gpus_per_worker": 4,

@@ -46,7 +46,7 @@ class Stack:
     proxy: TcpProxy
 
     def submit(self, name: str, entrypoint: str, **spec: object) -> int:
-        body = {"name": name, "model": "m", "entrypoint": entrypoint, **spec}
+        body = {"name": name, "model": "m:v1", "entrypoint": entrypoint, **spec}
         return self.engineer.submit(body).id
 
     def wait(self, job_id: int, statuses: set[str], timeout: float = 120) -> JobDetail:
@@ -101,6 +101,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 local.start_agent(node, token, site=site, simulate=gpus, ray_cpus=2)
         engineer = ApiClient(local.server_url, local.token(Role.engineer, "tests"))
         admin = ApiClient(local.server_url, local.record.admin_token)
+        engineer.request("POST", "/v1/models", json={"name": "m"})  # what the jobs train
+        engineer.request("POST", "/v1/models/m/versions", json={"version": "v1"})
         yield Stack(local, engineer, admin, engine, proxy)
     finally:
         local.close()
@@ -113,14 +115,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _billed_exactly_once(stack: Stack, job: JobDetail) -> None:
-    """Each GPU of the job's one allocation has one usage row, from when the gang ran."""
+    """Each GPU of the job's one allocation is billed once, from when the gang ran: its
+    rows (one, or several where a period boundary cut it) tile that span exactly."""
     (alloc,) = job.allocations
     assert alloc.running_at is not None and alloc.ended_at is not None
     rows = stack.usage_rows(alloc.id)
     gpus = sorted(g for w in alloc.workers for g in w.gpus)
-    assert sorted(r.gpu_uuid for r in rows) == gpus, "one row per GPU, none twice"
+    assert sorted({r.gpu_uuid for r in rows}) == gpus, "every GPU of the gang is billed"
     want = gpu_seconds(alloc.running_at, alloc.ended_at)
-    assert want > 0 and all(r.gpu_seconds == want for r in rows)
+    assert want > 0
+    for gpu in gpus:
+        spans = sorted((r.start_s, r.end_s) for r in rows if r.gpu_uuid == gpu)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+        assert spans[-1][1] - spans[0][0] == want, "no second dropped or billed twice"
+    assert sum(r.gpu_seconds for r in rows) == want * len(gpus)
     assert len({r.key for r in rows}) == len(rows)
 
 
@@ -242,7 +250,9 @@ def test_a_node_killed_mid_run_is_billed_up_to_its_last_heartbeat_and_no_later(
     assert ended.end_reason == "node_lost"
     assert ended.ended_at <= killed_at  # its last heartbeat came before the kill
     assert (killed_at - ended.ended_at).total_seconds() < 3
-    rows = stack.usage_rows(alloc.id)
-    assert len(rows) == 4
-    assert all(r.gpu_seconds == gpu_seconds(ended.running_at, ended.ended_at) for r in rows)  # type: ignore[arg-type]
+    billed: dict[str, int] = {}
+    for row in stack.usage_rows(alloc.id):
+        billed[row.gpu_uuid] = billed.get(row.gpu_uuid, 0) + row.gpu_seconds
+    assert len(billed) == 4
+    assert set(billed.values()) == {gpu_seconds(ended.running_at, ended.ended_at)}  # type: ignore[arg-type]
     assert stack.engineer.cancel(job_id).status.value == "cancelled"

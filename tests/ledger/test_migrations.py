@@ -21,3 +21,20 @@ def test_upgrading_an_up_to_date_database_is_a_no_op(engine, db_url) -> None:  #
     assert before == head_revision(db_url) and before is not None
     upgrade(db_url)
     assert current_revision(engine) == before
+
+
+def test_the_seeded_reward_policy_is_the_default_one_in_code(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlmodel import Session, select
+
+    from scheduler.attribution.policy import DEFAULT_POLICY
+    from scheduler.db.engine import make_engine
+    from scheduler.db.models import RewardPolicy
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with Session(engine) as s:
+        (row,) = s.exec(select(RewardPolicy)).all()
+        seeded = {k: getattr(row, k) for k in DEFAULT_POLICY.row()}
+    engine.dispose()
+    assert seeded == DEFAULT_POLICY.row()

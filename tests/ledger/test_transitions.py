@@ -246,7 +246,9 @@ def test_provider_gpu_seconds_equal_the_sum_over_its_allocations(session_of) -> 
                 s, job_id=job_id, to=JobStatus.completed, now=T0 + timedelta(seconds=secs)
             )
     with session_of() as s:
-        report = usage_by_provider(s, start=T0 - timedelta(days=1), end=T0 + timedelta(days=1))
+        report = usage_by_provider(
+            s, start=T0 - timedelta(days=1), end=T0 + timedelta(days=1), now=T0 + timedelta(days=1)
+        )
         by_provider = {r.provider: r.gpu_seconds for r in report.rows}
         allocs = s.exec(select(Allocation)).all()
         expected: dict[int, int] = {}
@@ -274,9 +276,10 @@ def test_usage_reports_of_adjacent_windows_add_up_to_the_report_of_their_union(s
         transition_job(s, job_id=job.id, to=JobStatus.completed, now=T0 + timedelta(seconds=5000))
     with session_of() as s:
         cut = T0 + timedelta(seconds=1234, milliseconds=600)
-        whole = usage_by_provider(s, start=T0 - timedelta(hours=1), end=T0 + timedelta(hours=3))
-        left = usage_by_provider(s, start=T0 - timedelta(hours=1), end=cut)
-        right = usage_by_provider(s, start=cut, end=T0 + timedelta(hours=3))
+        later = T0 + timedelta(hours=3)
+        whole = usage_by_provider(s, start=T0 - timedelta(hours=1), end=later, now=later)
+        left = usage_by_provider(s, start=T0 - timedelta(hours=1), end=cut, now=later)
+        right = usage_by_provider(s, start=cut, end=later, now=later)
         assert left.total_gpu_seconds + right.total_gpu_seconds == whole.total_gpu_seconds == 5000
 
 

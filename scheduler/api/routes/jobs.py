@@ -87,13 +87,14 @@ def cancel(
     job_id: JobId,
     session: SessionDep,
     who: PrincipalDep,
+    settings: SettingsDep,
     changes: ChangesDep,
     tasks: BackgroundTasks,
 ) -> JobDetail:
     """Cancel a pending or running job; its site stops the workers at once."""
     who.require(Role.engineer)
     alloc = svc.latest_allocation(session, job_id=job_id)
-    job = svc.cancel_job(session, job_id=job_id, now=utcnow())
+    job = svc.cancel_job(session, job_id=job_id, now=utcnow(), grain=settings.period)
     if alloc is not None:
         tasks.add_task(changes.sites, [alloc.site_id])
     tasks.add_task(changes.schedule)

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 from sqlmodel import col, func, select
 
-from scheduler.api.deps import BearerDep, ChangesDep, PrincipalDep, SessionDep
+from scheduler.api.deps import BearerDep, ChangesDep, PrincipalDep, SessionDep, SettingsDep
 from scheduler.db.engine import session_scope
 from scheduler.db.models import Node, Provider, Site
 from scheduler.db.types import utcnow
@@ -120,6 +120,7 @@ def report(
     body: SiteReport,
     session: SessionDep,
     who: PrincipalDep,
+    settings: SettingsDep,
     changes: ChangesDep,
     tasks: BackgroundTasks,
 ) -> SiteReportResult:
@@ -127,7 +128,7 @@ def report(
     nodes alive in it, and live output tails."""
     site = svc.get_site(session, name=name)
     _may_act_for(who, site)
-    outcome = svc.apply_report(session, site=site, report=body, now=utcnow())
+    outcome = svc.apply_report(session, site=site, report=body, now=utcnow(), grain=settings.period)
     if outcome.finished or outcome.requeued:
         assert site.id is not None
         tasks.add_task(changes.sites, [site.id])

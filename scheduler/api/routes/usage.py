@@ -29,12 +29,15 @@ def usage(
     end: AwareDatetime | None = Query(default=None, description="exclusive; default: now"),
 ) -> UsageReport:
     """GPU-seconds per provider, commitment level and GPU model over [start, end)."""
-    end = end or utcnow()
+    now = utcnow()
+    end = end or now
     try:
         start = start or end - timedelta(days=30)
     except OverflowError:
         raise ValidationFailed("end", "too early to take 30 days from; give start too") from None
     if who.role is Role.provider:
-        return usage_by_provider(session, start=start, end=end, provider_id=who.provider_id)
+        return usage_by_provider(
+            session, start=start, end=end, now=now, provider_id=who.provider_id
+        )
     who.require(Role.partner_manager)
-    return usage_by_provider(session, start=start, end=end)
+    return usage_by_provider(session, start=start, end=end, now=now)
