@@ -131,8 +131,20 @@ class ApiClient:
     def nodes(self) -> list[NodePublic]:
         return [NodePublic.model_validate(n) for n in self.request("GET", "/v1/nodes")]
 
-    def set_node_status(self, name: str, status: str, reason: str | None = None) -> NodePublic:
-        body = {"status": status, "reason": reason}
+    def set_node_status(
+        self,
+        name: str,
+        status: str,
+        reason: str | None = None,
+        *,
+        notice_s: int | None = None,
+        let_finish: bool = False,
+    ) -> NodePublic:
+        body: dict[str, object] = {"status": status, "reason": reason}
+        if notice_s is not None:
+            body["notice_s"] = notice_s
+        if let_finish:
+            body["let_finish"] = True
         return NodePublic.model_validate(
             self.request("POST", f"/v1/nodes/{name}/status", json=body)
         )

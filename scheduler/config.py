@@ -55,3 +55,8 @@ class Settings(BaseSettings):
     currency: str = Field(
         default="USD", pattern=r"^[A-Z]{3}$", description="the settlement currency"
     )
+    policy_config: Path | None = Field(
+        default=None,
+        description="YAML or JSON file of placement policy settings (docs/POLICY.md); "
+        "default: the built-in policy",
+    )

@@ -152,6 +152,18 @@ class NodeRegistered(BaseModel):
 class NodeStatusChange(_In):
     status: NodeStatus = Field(description="ready, draining or cordoned")
     reason: str | None = Field(default=None, max_length=500)
+    notice_s: int | None = Field(
+        default=None,
+        ge=0,
+        le=7 * 86400,
+        description=(
+            "draining: the seconds running work gets to checkpoint before it is moved "
+            "(default: the agreement's reclaim notice)"
+        ),
+    )
+    let_finish: bool = Field(
+        default=False, description="draining: let running work finish instead of moving it"
+    )
 
 
 # --- jobs --------------------------------------------------------------------------------------
@@ -320,6 +332,11 @@ class SiteReport(_In):
         default_factory=dict, max_length=10_000, description="allocation -> rank -> live tail"
     )
     agent: dict[str, str] = Field(default_factory=dict, max_length=20)
+    checkpoints: dict[int, AwareDatetime] = Field(
+        default_factory=dict,
+        max_length=100_000,
+        description="allocation -> when its rank 0 last touched ANDROMEDA_CHECKPOINT_MARKER",
+    )
 
     @field_validator("logs", mode="before")
     @classmethod

@@ -87,6 +87,7 @@ def job(
     entrypoint: str = "true",
     allow_unknown_model: bool = False,
     model: str = "m1:v1",
+    checkpoint: str | None = None,
 ) -> Job:
     ensure_model_version(session, model)
     spec = JobSpec(
@@ -99,6 +100,7 @@ def job(
         gpus_per_worker=gpus_per_worker,
         gpu={"model": gpu_model},  # type: ignore[arg-type]
         max_runtime=max_runtime,
+        checkpoint=checkpoint,
     )
     return submit_job(
         session,

@@ -188,6 +188,11 @@ class SiteAgent:
             pending = self._pending_result()
             for alloc_id in self.launcher.active() - pending:
                 logs[alloc_id] = self.launcher.tails(alloc_id)
+        try:
+            checkpoints = self.launcher.checkpoints()
+        except Exception as exc:
+            log.warning("cannot read the workers' checkpoint markers: %s", exc)
+            checkpoints = {}
         report = SiteReport(
             applied_version=self._applied_version,
             active=sorted(self.launcher.active()),
@@ -195,6 +200,7 @@ class SiteAgent:
             ray_nodes=ray_nodes,
             logs=logs,
             agent=self.agent_info,
+            checkpoints=checkpoints,
         )
         now = time.monotonic()
         try:

@@ -15,13 +15,22 @@ Life of an allocation (advanced by :meth:`poll`, which never blocks):
     done       every rank exited 0, or one failed and the rest were stopped
                (``finished``); or an actor died with its node, or Ray never placed the
                gang (``lost``)
+    stopping   the control plane asked it to stop (cancel, preemption, reclaim): every
+               rank got SIGTERM and its deadline; once all have exited, or the grace is
+               over and what is left was killed, it is torn down (``stopped``)
+
+A stop never blocks the agent: the grace runs inside the workers, and :meth:`poll` notices
+when they are done. While stopping, the allocation is still active here (its GPUs are
+held), so the control plane never mistakes it for gone.
 
 A finished or lost allocation keeps its actors (and so its exit codes) until the agent has
 told the control plane and calls :meth:`teardown`: an agent killed in between finds the
 result again on restart, so a job that finished is never run twice.
 
 What an entrypoint gets (``worker.py``): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
-CUDA_VISIBLE_DEVICES, the job's own env, ANDROMEDA_* facts, and a short allow-list of the
+CUDA_VISIBLE_DEVICES, the job's own env, ANDROMEDA_* facts (ANDROMEDA_CHECKPOINT to resume
+from, ANDROMEDA_CHECKPOINT_MARKER to touch after each checkpoint, ANDROMEDA_PREEMPT_DEADLINE_FILE
+written before a graceful stop's SIGTERM), and a short allow-list of the
 host's variables (PATH, HOME, locale, CUDA/NCCL settings). Never RAY_ADDRESS, the Ray
 token or its path, or any other RAY_* variable: a job cannot drive the site's Ray cluster.
 
@@ -50,6 +59,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0
 FAILED_PEERS_GRACE_S = 5.0  # when one rank fails, how long the others get to exit
 LEFTOVER_GRACE_S = 2.0  # background children of an entrypoint that has exited
+STOP_SLACK_S = 15.0  # past a stop's grace, how long to wait for the workers' own answer
 LOG_TAIL_BYTES = 64_000
 _ACTOR_NAME = re.compile(r"^a(\d+)-r(\d+)$")
 _PG_NAME = re.compile(r"^a(\d+)$")
@@ -93,6 +103,9 @@ class _Handle:
     started_reported: bool = False
     created: float = field(default_factory=time.monotonic)
     missing_since: float | None = None
+    stop_refs: list[Any] = field(default_factory=list)
+    stop_until: float = 0.0  # monotonic: the grace's end, when what is left is killed
+    checkpoint_ref: Any = None  # rank 0's checkpoint marker time, being asked
 
 
 class SiteLauncher:
@@ -277,6 +290,11 @@ class SiteLauncher:
         for h in handles:
             if h.phase == "done":
                 continue
+            if h.phase == "stopping":
+                event = self._check_stopped(h)
+                if event is not None:
+                    events.append(event)
+                continue
             try:
                 if h.phase == "reserving":
                     alive = alive if alive is not None else set(self.alive_nodes())
@@ -296,16 +314,60 @@ class SiteLauncher:
         return events
 
     def stop(self, allocation_id: int, grace_s: float = STOP_GRACE_S) -> LaunchEvent | None:
-        """Stop an allocation as the control plane asked: its workers get SIGTERM and
-        ``grace_s`` to exit; then its resources are freed. None if it is not here."""
+        """Stop an allocation as the control plane asked: its workers get SIGTERM, with
+        their deadline written to ``ANDROMEDA_PREEMPT_DEADLINE_FILE`` first, and ``grace_s``
+        to checkpoint and exit. Returns at once: :meth:`poll` reports ``stopped`` when they
+        are done. A gang whose workers never started is stopped here and now (its event is
+        returned). None if it is not here, or is already stopping."""
         with self._lock:
-            h = self._handles.pop(allocation_id, None)
-        if h is None:
+            h = self._handles.get(allocation_id)
+            if h is None or h.phase == "stopping":
+                return None
+            if h.phase in ("reserving", "launching") or not h.actors:
+                self._handles.pop(allocation_id, None)
+            else:
+                h.phase = "stopping"
+        if h.phase != "stopping":
+            self._terminate(h, min(grace_s, LEFTOVER_GRACE_S))
+            self._teardown(h)
+            return self._event(h, "stopped", at=_now())
+        deadline = time.time() + grace_s
+        h.stop_until = time.monotonic() + grace_s
+        h.stop_refs = [a.terminate.remote(grace_s, deadline) for a in h.actors]
+        log.info("allocation %s: stopping, grace %.0fs", allocation_id, grace_s)
+        return None
+
+    def checkpoints(self) -> dict[int, datetime]:
+        """When rank 0 of each running allocation last touched its checkpoint marker (only
+        those that did). Non-blocking: each call collects the answers the last one asked."""
+        out: dict[int, datetime] = {}
+        with self._lock:
+            handles = [h for h in self._handles.values() if h.phase == "running" and h.actors]
+        for h in handles:
+            ref = h.checkpoint_ref
+            if ref is not None:
+                ready, _ = self._ray.wait([ref], timeout=0)
+                if not ready:
+                    continue
+                with contextlib.suppress(Exception):
+                    at = self._ray.get(ref)
+                    if at is not None:
+                        out[h.allocation_id] = datetime.fromtimestamp(at, UTC)
+            h.checkpoint_ref = h.actors[0].checkpointed_at.remote()
+        return out
+
+    def _check_stopped(self, h: _Handle) -> LaunchEvent | None:
+        """The ``stopped`` event of a stopping gang once every rank exited (or the grace
+        is over and what was left has been killed); None while it is still stopping."""
+        done, _ = self._ray.wait(h.stop_refs, num_returns=len(h.stop_refs), timeout=0)
+        if len(done) < len(h.stop_refs) and time.monotonic() < h.stop_until + STOP_SLACK_S:
             return None
+        ended = self._collect_exits(h)
         logs = self._collect_logs(h)
-        self._terminate(h, grace_s)
         self._teardown(h)
-        return self._event(h, "stopped", at=_now(), logs=logs)
+        with self._lock:
+            self._handles.pop(h.allocation_id, None)
+        return self._event(h, "stopped", at=ended if ended is not None else _now(), logs=logs)
 
     def teardown(self, allocation_id: int) -> None:
         """Free a finished allocation's resources once the control plane knows the result;

@@ -38,6 +38,13 @@ class Worker:
         self.dir = Path(scratch_root) / f"alloc-{allocation_id}" / f"rank-{rank}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "output.log"
+        # The entrypoint touches the marker after each checkpoint it saves (its mtime is
+        # what the site reports); before a graceful stop's SIGTERM, the deadline file gets
+        # "ANDROMEDA_PREEMPT_DEADLINE=<Unix seconds>" (shell-sourceable).
+        self.marker_path = self.dir / "checkpoint-marker"
+        self.deadline_path = self.dir / "preempt-deadline"
+        for stale in (self.marker_path, self.deadline_path):
+            stale.unlink(missing_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at: float | None = None
         self.exit_code: int | None = None
@@ -82,6 +89,8 @@ class Worker:
         }
         full_env.update(env)
         full_env["ANDROMEDA_NODE"] = node  # where this rank really landed: the pinning's proof
+        full_env["ANDROMEDA_CHECKPOINT_MARKER"] = str(self.marker_path)
+        full_env["ANDROMEDA_PREEMPT_DEADLINE_FILE"] = str(self.deadline_path)
         full_env["TMPDIR"] = str(self.dir)
         # "python" in an entrypoint means the interpreter this node runs Ray with.
         full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
@@ -134,9 +143,14 @@ class Worker:
         except FileNotFoundError:
             return ""
 
-    def terminate(self, grace_s: float) -> int | None:
+    def terminate(self, grace_s: float, deadline_s: float | None = None) -> int | None:
         """SIGTERM the entrypoint's process group, SIGKILL what is left after ``grace_s``
-        (also when its leader already exited, so background children die too)."""
+        (also when its leader already exited, so background children die too). With a
+        ``deadline_s`` (a graceful stop), the entrypoint's deadline file gets it first."""
+        if deadline_s is not None:
+            tmp = self.deadline_path.with_suffix(".tmp")
+            tmp.write_text(f"ANDROMEDA_PREEMPT_DEADLINE={int(deadline_s)}\n")
+            tmp.replace(self.deadline_path)
         with self._lock:
             self._stopping = True
             proc = self.proc
@@ -144,6 +158,13 @@ class Worker:
             stop_group(proc, grace_s)
             self._exited.wait(5)
         return self.exit_code
+
+    def checkpointed_at(self) -> float | None:
+        """When the entrypoint last touched its checkpoint marker (Unix seconds), or None."""
+        try:
+            return self.marker_path.stat().st_mtime
+        except FileNotFoundError:
+            return None
 
 
 def _master_port() -> int:

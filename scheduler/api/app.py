@@ -7,6 +7,7 @@ The control plane imports no Ray and runs no job: sites pull their work
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from scheduler.api.routes import admin, attribution, jobs, nodes, packages, site
 from scheduler.config import Settings
 from scheduler.db.engine import make_engine
 from scheduler.loop.cycle import Scheduler, SchedulerThread
+from scheduler.policy import PolicyConfig, PolicyFn, schedule
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     """Build the app. The scheduler loop runs when ``settings.scheduler_enabled``."""
     engine = engine or make_engine(settings.database_url)
+    policy: PolicyFn = schedule
+    if settings.policy_config is not None:  # refused at start-up, with the file and the key
+        config = PolicyConfig.from_file(settings.policy_config)
+        policy = functools.partial(schedule, config=config)
+        log.info("placement policy settings from %s", settings.policy_config)
     notifier = SiteNotifier()
     changes = Changes(notifier)
 
@@ -39,6 +46,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         if settings.scheduler_enabled:
             sched = Scheduler(
                 engine,
+                policy=policy,
                 node_lost_after_s=settings.node_lost_after_s,
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 on_assignments=notifier.notify,

@@ -291,11 +291,52 @@ def nodes(server: str, token: str) -> None:
 @click.argument("action", type=click.Choice(["drain", "cordon", "uncordon"]))
 @click.argument("name")
 @click.option("--reason", help="Shown with the node's status.")
+@click.option(
+    "--notice",
+    "notice",
+    metavar="DURATION",
+    help="drain: how long running work gets to checkpoint before it moves, e.g. 90s, "
+    "10m, 1h. [default: the agreement's reclaim notice]",
+)
+@click.option(
+    "--let-finish", is_flag=True, help="drain: let running work finish here instead of moving it."
+)
 @server_options
 @handle_errors
-def node(action: str, name: str, reason: str | None, server: str, token: str) -> None:
-    """Drain (running work finishes, no new work), cordon, or uncordon a node."""
+def node(
+    action: str,
+    name: str,
+    reason: str | None,
+    notice: str | None,
+    let_finish: bool,
+    server: str,
+    token: str,
+) -> None:
+    """Drain, cordon, or uncordon a node.
+
+    \b
+    drain     take the node back: no new work; running work gets the notice to
+              checkpoint, then is stopped and moved elsewhere (provider_reclaim)
+    cordon    no new work; running work stays
+    uncordon  ready for work again
+    """
     status = {"drain": "draining", "cordon": "cordoned", "uncordon": "ready"}[action]
+    if action != "drain" and (notice or let_finish):
+        raise click.UsageError("--notice and --let-finish apply to drain only")
+    notice_s = parse_duration(notice, "--notice") if notice else None
     with client_from(server, token) as api:
-        result = api.set_node_status(name, status, reason)
+        result = api.set_node_status(name, status, reason, notice_s=notice_s, let_finish=let_finish)
     click.echo(f"node {result.name}: {result.status.value}")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> int:
+    """``90``, ``90s``, ``10m``, ``1h``, ``2d`` -> seconds; a UsageError that says how."""
+    value = text.strip().lower()
+    unit = value[-1] if value and value[-1] in _UNITS else "s"
+    number = value[:-1] if value and value[-1] in _UNITS else value
+    if not number.isdigit():
+        raise click.UsageError(f"{option}: {text!r} is not a duration (try 90s, 10m or 1h)")
+    return int(number) * _UNITS[unit]

@@ -79,7 +79,9 @@ class Demo:
     # --- the stack ------------------------------------------------------------------------
     def up(self) -> ApiClient:
         """Control plane, providers with one site each, one agent per node."""
-        admin = self.stack.start()
+        policy = self.examples.parent / "policy" / "demo.yaml"
+        env = {"ANDROMEDA_POLICY_CONFIG": str(policy.resolve())} if policy.is_file() else {}
+        admin = self.stack.start(extra_env=env)
         tokens = {
             name: self.stack.add_provider(name, display, level, site=name)
             for name, display, level in PROVIDERS

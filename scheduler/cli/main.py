@@ -8,6 +8,7 @@ from scheduler import __version__
 from scheduler.cli import admin, attribution, jobs
 from scheduler.cli.agent import agent, site_agent
 from scheduler.cli.demo import demo, down, up
+from scheduler.cli.simulate import simulate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,6 +22,7 @@ def cli() -> None:
     Partner managers:  usage, revenue, statements, statement, adjust
     Control plane:     server, db, token, provider
     Try it locally:    demo, up, down
+    Policy research:   simulate
 
     Commands that talk to a server read ANDROMEDA_SERVER and ANDROMEDA_TOKEN.
     """
@@ -50,6 +52,7 @@ for command in (
     attribution.statement,
     attribution.statements,
     attribution.adjust,
+    simulate,
 ):
     cli.add_command(command)
 

@@ -49,6 +49,9 @@ class Agreement(SQLModel, table=True):
     committed_gpus: int | None = Field(default=None, ge=0)
     committed_gpu_hours_per_month: int | None = Field(default=None, ge=0)
     notice_days: int = Field(default=0, ge=0)
+    # How long work on a node of this agreement gets to checkpoint when the provider takes
+    # the node back (``andromeda node drain``) or the agreement ends.
+    reclaim_notice_s: int = Field(default=300, ge=0, sa_column_kwargs={"server_default": "300"})
     starts_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
     ends_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
@@ -172,6 +175,9 @@ class Allocation(SQLModel, table=True):
     stop_requested_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
     stop_deadline_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
     stop_reason: EndReason | None = Field(default=None, sa_type=str_enum(EndReason))
+    stop_for_job_id: int | None = None  # the job a preemption stops this allocation for
+    # The latest checkpoint the site reported (the marker file the entrypoint touches).
+    last_checkpoint_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
     site_version: int = Field(default=0, ge=0, sa_type=BigInteger())
     # The ledger holds this allocation's GPU-seconds up to here (the ledger tick meters
     # running work; the close writes the rest).

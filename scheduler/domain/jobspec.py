@@ -76,7 +76,17 @@ class JobSpec(CleanText):
         "directory",
     )
     env: dict[str, str] = Field(default_factory=dict)
-    checkpoint: str | None = Field(default=None, max_length=1000)
+    checkpoint: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="where the job keeps its checkpoints (ANDROMEDA_CHECKPOINT; default: a "
+        "folder of the site); naming one also says the job checkpoints",
+    )
+    checkpointing: bool = Field(
+        default=False,
+        description="the job saves checkpoints to ANDROMEDA_CHECKPOINT and resumes from them: "
+        "critical and high work that is also preemptible may then run on spot capacity",
+    )
 
     @field_validator("entrypoint")
     @classmethod

@@ -13,10 +13,15 @@ assignments changed. A cycle, in order:
   2. Timeouts: allocations past their job's ``max_runtime`` end ``timeout``.
      The ledger tick: running allocations are metered (``services/ledger.py``) at least every
      ``ledger_tick_s`` and at every period boundary.
-  3. Decide: queue + capacity + running work -> the pure policy.
-  4. Persist: preempt the victims and open each placement's allocation (both through
-     ``transition_job``), give jobs left waiting the policy's reason, and wake the long
-     polls of every site whose assignments changed.
+     Agreements about to end: work on a node whose agreement ends within its reclaim
+     notice is asked to stop (``provider_reclaim``), with the notice left as its grace.
+  3. Decide: queue + capacity + running and stopping work + each provider's commitment
+     so far -> the pure policy; its decision is validated before anything is written.
+  4. Persist: open each placement's allocation (``transition_job``); ask each
+     preemption's victims to stop with their grace period (``request_stop``: they keep
+     their GPUs until their site reports them stopped, then their jobs are requeued and
+     resume from their checkpoints); give jobs left waiting the policy's reason; wake the
+     long polls of every site whose assignments changed.
 
 Each item is handled on its own: one that raises is logged and skipped, and the rest of
 the cycle goes on. A cycle is also run at once when something changes that can let work
@@ -36,17 +41,25 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, select
 
 from scheduler.db.engine import session_scope
-from scheduler.db.models import Allocation, AllocationGpu, Job, Node
+from scheduler.db.models import Agreement, Allocation, AllocationGpu, Job, Node
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import EndReason, JobStatus
 from scheduler.domain.periods import Grain, period_of
 from scheduler.errors import Conflict
 from scheduler.loop import snapshot
-from scheduler.policy import Placement, PolicyFn, RunningAllocation, schedule
+from scheduler.policy import (
+    InvalidDecision,
+    Placement,
+    PolicyFn,
+    Preemption,
+    RunningAllocation,
+    schedule,
+    validate,
+)
 from scheduler.services.ledger import meter_running
 from scheduler.services.nodes import mark_lost_nodes
 from scheduler.services.sites import give_up_after_attempts
-from scheduler.services.transitions import PlacementRecord, transition_job
+from scheduler.services.transitions import PlacementRecord, request_stop, transition_job
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +71,8 @@ class CycleReport:
     lost_nodes: list[str] = field(default_factory=list)
     finished: dict[int, JobStatus] = field(default_factory=dict)
     requeued: dict[int, EndReason] = field(default_factory=dict)
-    preempted: list[int] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)  # jobs asked to stop for another
+    reclaimed: list[int] = field(default_factory=list)  # jobs moved off an ending agreement
     started: list[int] = field(default_factory=list)
     pending: dict[int, str] = field(default_factory=dict)
     liveness_grace: bool = False  # nodes were not judged: the control plane just came back
@@ -97,6 +111,7 @@ class Scheduler:
         try:
             self._liveness(report)
             self._timeouts(report)
+            self._agreements_ending(report)
             self._meter(report)
             self._decide_and_start(report)
         except DBAPIError:
@@ -228,6 +243,38 @@ class Scheduler:
             self.on_assignments({site_id})
             report.finished[job_id] = JobStatus.failed
 
+    def _agreements_ending(self, report: CycleReport) -> None:
+        """Work on a node whose agreement ends within its reclaim notice is moved now."""
+        now = self.clock()
+        with session_scope(self.engine) as session:
+            rows = session.exec(
+                select(Allocation, Agreement)
+                .join(AllocationGpu, col(AllocationGpu.allocation_id) == col(Allocation.id))
+                .join(Node, col(Node.id) == col(AllocationGpu.node_id))
+                .join(Agreement, col(Agreement.id) == col(Node.agreement_id))
+                .where(
+                    col(Allocation.ended_at).is_(None),
+                    col(Allocation.stop_requested_at).is_(None),
+                    col(Agreement.ends_at).is_not(None),
+                )
+            ).all()
+            sites: set[int] = set()
+            for alloc, agreement in rows:
+                assert agreement.ends_at is not None
+                if agreement.ends_at - timedelta(seconds=agreement.reclaim_notice_s) > now:
+                    continue
+                if request_stop(
+                    session,
+                    alloc=alloc,
+                    reason=EndReason.provider_reclaim,
+                    now=now,
+                    deadline=agreement.ends_at,
+                ):
+                    sites.add(alloc.site_id)
+                    report.reclaimed.append(alloc.job_id)
+        if sites:
+            self.on_assignments(sites)
+
     def _meter(self, report: CycleReport) -> None:
         """The ledger tick: due every ``ledger_tick_s``, and when a period boundary passed."""
         now = self.clock()
@@ -259,6 +306,7 @@ class Scheduler:
     # 3 + 4. decide, persist ------------------------------------------------------------------
     def _decide_and_start(self, report: CycleReport) -> None:
         now = self.clock()
+        now_s = int(now.timestamp())
         with Session(self.engine) as session:
             queue = snapshot.queue(session)
             if not queue:
@@ -270,58 +318,83 @@ class Scheduler:
                 site_fresh_within_s=self.node_lost_after_s,
             )
             running = snapshot.running(session)
-        decision = self.policy(queue, nodes, running, now_s=int(now.timestamp()))
+            providers = snapshot.providers(session, now=now, grain=self.grain)
+        decision = self.policy(queue, nodes, running, now_s=now_s, providers=providers)
+        try:
+            validate(decision, queue, nodes, running, now_s=now_s)
+        except InvalidDecision as exc:  # a policy bug: act on nothing, say what it was
+            log.error("scheduler: the policy's decision is invalid, not applied: %s", exc)
+            report.errors += 1
+            return
         for placement in decision.placements:
-            self._guarded(self._preempt_and_start, placement, running, report=report)
+            self._guarded(self._start, placement, report=report)
+        for preemption in decision.preemptions:
+            self._guarded(self._preempt, preemption, running, now_s, report=report)
         if decision.pending:
             with session_scope(self.engine) as session:
                 for job_id, reason in decision.pending.items():
                     job = session.get(Job, job_id)
                     if job and job.status == JobStatus.pending and job.pending_reason != reason:
-                        job.pending_reason = reason
+                        job.pending_reason = reason[:1000]
                         session.add(job)
         report.pending = dict(decision.pending)
 
-    def _preempt_and_start(
-        self, placement: Placement, running: list[RunningAllocation], *, report: CycleReport
-    ) -> None:
-        """Close the victims and open the placement in one transaction: either the gang gets
-        its GPUs and the victims stop, or nothing changes."""
-        victims = {r.allocation_id: r.job_id for r in running}
+    def _start(self, placement: Placement, *, report: CycleReport) -> None:
         record = PlacementRecord(
             provider_id=placement.provider_id, site_id=placement.site_id, workers=placement.workers
         )
-        now = self.clock()
-        sites = {placement.site_id}
         try:
             with session_scope(self.engine) as session:
-                for alloc_id in placement.preempts:
-                    site_id = self._transition(
-                        session,
-                        alloc_id,
-                        victims[alloc_id],
-                        to=JobStatus.pending,
-                        now=now,
-                        end_reason=EndReason.preempted,
-                        pending_reason=f"requeued: preempted by job {placement.job_id}",
-                    )
-                    if site_id is None:
-                        raise Conflict(f"victim allocation {alloc_id} ended meanwhile")
-                    sites.add(site_id)
                 transition_job(
                     session,
                     job_id=placement.job_id,
                     to=JobStatus.running,
-                    now=now,
+                    now=self.clock(),
                     expect=(JobStatus.pending,),
                     placement=record,
                 )
         except Conflict as exc:  # cancelled since the snapshot; retried next cycle
             log.info("job %s not started: %s", placement.job_id, exc)
             return
-        report.preempted.extend(victims[a] for a in placement.preempts)
         report.started.append(placement.job_id)
-        self.on_assignments(sites)
+        self.on_assignments({placement.site_id})
+
+    def _preempt(
+        self,
+        preemption: Preemption,
+        running: list[RunningAllocation],
+        decided_s: int,
+        *,
+        report: CycleReport,
+    ) -> None:
+        """Ask every victim to stop with its grace, in one transaction: all or none."""
+        jobs = {r.allocation_id: r.job_id for r in running}
+        now = self.clock()
+        deadline = now + timedelta(seconds=preemption.deadline_s - decided_s)  # the full grace
+        try:
+            with session_scope(self.engine) as session:
+                for alloc_id in preemption.victims:
+                    alloc = session.get(Allocation, alloc_id)
+                    if alloc is None or not request_stop(
+                        session,
+                        alloc=alloc,
+                        reason=EndReason.preempted,
+                        now=now,
+                        deadline=deadline,
+                        for_job=preemption.job_id,
+                    ):
+                        raise Conflict(f"victim allocation {alloc_id} ended or stops already")
+        except Conflict as exc:  # decided again next cycle
+            log.info("job %s preempts nothing this cycle: %s", preemption.job_id, exc)
+            return
+        log.info(
+            "job %s preempts allocations %s (grace until %s)",
+            preemption.job_id,
+            list(preemption.victims),
+            deadline.isoformat(timespec="seconds"),
+        )
+        report.preempted.extend(jobs[a] for a in preemption.victims)
+        self.on_assignments({preemption.site_id})
 
 
 class SchedulerThread(threading.Thread):
@@ -345,12 +418,19 @@ class SchedulerThread(threading.Thread):
             self._wake.clear()
             try:
                 report = self.scheduler.run_cycle()
-                if report.started or report.finished or report.requeued or report.lost_nodes:
+                if (
+                    report.started
+                    or report.finished
+                    or report.requeued
+                    or report.lost_nodes
+                    or report.preempted
+                ):
                     log.info(
-                        "cycle: started %s finished %s requeued %s lost nodes %s",
+                        "cycle: started %s finished %s requeued %s preempting %s lost nodes %s",
                         report.started,
                         report.finished,
                         report.requeued,
+                        report.preempted,
                         report.lost_nodes,
                     )
             except DBAPIError as exc:

@@ -3,58 +3,58 @@
 The same function runs in the live scheduler loop, the trace-replay simulator and the
 benchmarks, so it is PURE: no database, no Ray, no clock (``now_s`` is passed in), no
 randomness, and it never mutates its inputs. The same input always yields the same output.
+Its knobs are data (:mod:`scheduler.policy.config`); each rule has its own module:
 
-Rules, in the order they apply:
+- ``constraints``: GPU model and memory, commitment steering per priority class;
+- ``capacity``: the index of free and held GPUs, best-fit plans, the release timeline;
+- ``preemption``: which running work a job may stop, chosen by the work it would lose;
+- ``backfill``: reservations, and which lower jobs may use the GPUs they count on;
+- ``reasons``: what every waiting job is told.
 
-1. Queue order is priority descending, then ``seq`` ascending (FIFO within a priority); see
-   :func:`queue_key`, the one comparator.
-2. A gang is all-or-nothing and lies inside ONE provider. Each worker needs
-   ``gpus_per_worker`` GPUs on a single node; several workers may share a node. A node must
-   match the job's GPU model (:func:`scheduler.domain.gpu_models.model_matches`) and memory.
-   Because workers are independent within a provider, a gang of ``n`` workers of ``g`` GPUs
-   fits a provider exactly when ``sum(free // g) >= n`` over its matching nodes.
-3. Among providers that can host the gang, prefer the placement on the strongest commitment
-   levels (reserved, then committed, then spot): promised capacity is used first and spot,
-   which the provider can reclaim at any time, last. Within a level, pack: a node that is
-   left with fewer free GPUs is preferred (best fit), ties broken by node id; within a node
-   the lowest GPU ids are used.
-4. GPUs placed earlier in a cycle are not free for later jobs of the same cycle.
-5. A job that does not fit on free GPUs may preempt running allocations that are
-   preemptible and of strictly lower priority, all within one provider. Victims are taken
-   lowest priority first, then most recently started first, until the gang fits; victims
-   that turn out unnecessary are then dropped again (newest-added first), as Kueue does.
-   Among providers the one needing the fewest preempted GPUs wins, then the strongest level.
-   A victim's GPUs serve only the job that preempted it in this cycle; placements made in
-   this cycle are never victims.
-6. A job that cannot be placed gets a specific reason.
+Rules, in the order they apply to each job of the queue:
 
-Best-effort FIFO and its starvation risk: a job that does not fit does not block later jobs
-from using what is left. This keeps GPUs busy, but a large gang can starve behind a stream
-of small jobs that keep taking the GPUs it is waiting for (it will only get in by
-preemption, and only over lower-priority preemptible work). Reservations / backfill with a
-reserved shadow start time are the planned remedy and are not implemented here.
-
-Cost: nodes are bucketed per provider by (node class, level, free count), where a node class
-is a distinct (GPU model, memory) pair, so placing one gang costs about
-``providers x buckets x workers`` rather than ``nodes``. Results that only get worse within a
-cycle (a gang shape that did not fit) are cached so that a long queue of similar jobs does
-not rescan the cluster or the victim list.
+1. Queue order is priority descending, then ``seq`` ascending (FIFO within a priority, so
+   the longest-waiting job of a class goes first); see :func:`queue_key`.
+2. A gang is all-or-nothing and lies inside ONE site of one provider. Each worker needs
+   ``gpus_per_worker`` GPUs on a single node; several workers may share a node. A node
+   must match the job's GPU model and memory and be on a commitment level the job's class
+   may use (steering), and its agreement must be in force.
+3. On free GPUs, the best placement wins: the job's most preferred commitment levels
+   first; then, among equally good levels, the provider furthest behind its commitment
+   (fairness); then the tightest fit (fewest GPUs left free on the nodes used), then ids.
+   GPUs placed earlier in a cycle are not free for later jobs of the same cycle.
+4. A job that does not fit on free GPUs may preempt (``preemption``): it stops victims
+   with a grace period and starts once they are gone; it is never placed on GPUs that are
+   not free. A job whose victims are still stopping does not preempt again: it reserves.
+5. Otherwise the first ``reservation_depth`` such jobs, and the first job of each
+   priority that has waited longer than ``starving_after_s`` (aging: nothing waits
+   forever within a class), get a reservation (``backfill``): large gangs no longer
+   starve behind streams of small jobs, and their pending reason says when and where
+   they start.
+6. Every job left waiting gets a specific reason (``reasons``).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import add, attrgetter
 
-from scheduler.domain.gpu_models import model_matches
+from scheduler.policy import reasons
+from scheduler.policy.backfill import earliest_start, reserve
+from scheduler.policy.capacity import NEVER, Node, Pool, Prefs
+from scheduler.policy.config import DEFAULT_CONFIG, PolicyConfig
+from scheduler.policy.constraints import in_force, level_preference, node_matches
+from scheduler.policy.preemption import Victims, best_choice, index_victims
 from scheduler.policy.types import (
     Decision,
     JobRequest,
     NodeView,
     Placement,
+    Preemption,
+    ProviderState,
     RunningAllocation,
     WorkerPlacement,
 )
@@ -62,8 +62,6 @@ from scheduler.policy.types import (
 logger = logging.getLogger(__name__)
 
 _MatchKey = tuple[str | None, int | None]
-_BucketKey = tuple[int, int, int]  # (node class, level rank, free GPUs)
-_Plan = list[tuple[int, int]]  # (node_id, workers on it)
 
 
 def queue_key(job: JobRequest) -> tuple[int, int, int]:
@@ -71,193 +69,31 @@ def queue_key(job: JobRequest) -> tuple[int, int, int]:
     return (-job.priority, job.seq, job.job_id)
 
 
-def node_matches(job: JobRequest, gpu_model: str, gpu_memory_bytes: int) -> bool:
-    """True when a node with this GPU model and per-GPU memory satisfies the job's constraints."""
-    if job.gpu_model is not None and not model_matches(job.gpu_model, gpu_model):
-        return False
-    return job.min_gpu_memory_bytes is None or gpu_memory_bytes >= job.min_gpu_memory_bytes
-
-
-def describe_constraint(job: JobRequest) -> str:
-    """E.g. ``"H200 GPUs with >= 141 GB"``; used in pending reasons."""
-    text = f"{job.gpu_model} GPUs" if job.gpu_model else "GPUs"
-    if job.min_gpu_memory_bytes is not None:
-        text += f" with >= {_gb(job.min_gpu_memory_bytes)} GB"
-    return text
-
-
-def _gb(num_bytes: int) -> str:
-    value = num_bytes / 10**9
-    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
-
-
 @dataclass(slots=True)
-class _Node:
-    view: NodeView
-    cls: int
-    rank: int
-    free: list[int]  # sorted ascending; shrinks as the cycle places gangs
-
-
-@dataclass(slots=True)
-class _Pool:
-    """The nodes of one provider, indexed so that a best-fit node is found without a scan.
-
-    Invariant: a node with ``f > 0`` free GPUs appears in exactly one bucket,
-    ``(cls, rank, f)``, whose node-id list is sorted; nodes with no free GPU are in none.
-    """
-
-    provider_id: int
-    site_id: int
-    nodes: dict[int, _Node] = field(default_factory=dict)
-    buckets: dict[_BucketKey, list[int]] = field(default_factory=dict)
-    # node class -> total GPUs per node -> number of nodes (for static capacity).
-    totals: dict[int, dict[int, int]] = field(default_factory=dict)
-
-    def add(self, node: _Node) -> None:
-        self.nodes[node.view.node_id] = node
-        per_cls = self.totals.setdefault(node.cls, {})
-        per_cls[node.view.total_gpus] = per_cls.get(node.view.total_gpus, 0) + 1
-        self._insert(node)
-
-    def _insert(self, node: _Node) -> None:
-        if node.free:
-            ids = self.buckets.setdefault((node.cls, node.rank, len(node.free)), [])
-            bisect.insort(ids, node.view.node_id)
-
-    def _remove(self, node: _Node) -> None:
-        if not node.free:
-            return
-        key = (node.cls, node.rank, len(node.free))
-        ids = self.buckets[key]
-        del ids[bisect.bisect_left(ids, node.view.node_id)]
-        if not ids:
-            del self.buckets[key]
-
-    def take(self, node_id: int, count: int, extra: Sequence[int] = ()) -> list[int]:
-        """Remove and return the ``count`` lowest GPU ids among free + ``extra`` (victim) GPUs.
-
-        Victim GPUs that are not used do not become free for the rest of the cycle.
-        """
-        node = self.nodes[node_id]
-        avail = sorted([*node.free, *extra]) if extra else node.free
-        chosen = avail[:count]
-        used = set(chosen)
-        self._remove(node)
-        node.free = [gpu for gpu in node.free if gpu not in used]
-        self._insert(node)
-        return chosen
-
-    def free_capacity(self, classes: frozenset[int], gpus: int) -> tuple[int, int]:
-        """(workers of ``gpus`` GPUs that fit on free GPUs, free GPUs) on matching nodes."""
-        workers = 0
-        free = 0
-        for (cls, _rank, f), ids in self.buckets.items():
-            if cls in classes:
-                workers += len(ids) * (f // gpus)
-                free += len(ids) * f
-        return workers, free
-
-    def static_capacity(self, classes: frozenset[int], gpus: int) -> tuple[int, int, int]:
-        """(workers that fit on an empty provider, matching GPUs, largest matching node)."""
-        workers = 0
-        total = 0
-        largest = 0
-        for cls in classes:
-            for size, count in self.totals.get(cls, {}).items():
-                workers += count * (size // gpus)
-                total += count * size
-                largest = max(largest, size)
-        return workers, total, largest
-
-    def plan(
-        self,
-        classes: frozenset[int],
-        gpus: int,
-        workers: int,
-        overrides: dict[int, int] | None = None,
-    ) -> list[tuple[int, int]] | None:
-        """Greedy best-fit plan: a list of (node_id, workers on it), or None if it does not fit.
-
-        ``overrides`` gives the free-GPU count of nodes whose count is augmented by victim
-        GPUs (preemption); such nodes are ignored in the buckets. Each step picks the node
-        minimising (level rank, free GPUs left after placing as many workers as it can take,
-        node id) and fills it; a filled node can take no further worker, so each node is
-        picked at most once and the plan has at most ``workers`` steps.
-        """
-        picked: dict[int, int] = {}
-        remaining = workers
-        while remaining:
-            best: tuple[int, int, int] | None = None
-            best_k = 0
-            for (cls, rank, f), ids in self.buckets.items():
-                if f < gpus or cls not in classes:
-                    continue
-                k = min(f // gpus, remaining)
-                key_head = (rank, f - k * gpus)
-                if best is not None and key_head > best[:2]:
-                    continue
-                for node_id in ids:
-                    if node_id not in picked and (overrides is None or node_id not in overrides):
-                        break
-                else:
-                    continue
-                key = (*key_head, node_id)
-                if best is None or key < best:
-                    best, best_k = key, k
-            if overrides:
-                for node_id, f in overrides.items():
-                    if f < gpus or node_id in picked:
-                        continue
-                    k = min(f // gpus, remaining)
-                    key = (self.nodes[node_id].rank, f - k * gpus, node_id)
-                    if best is None or key < best:
-                        best, best_k = key, k
-            if best is None:
-                return None
-            picked[best[2]] = best_k
-            remaining -= best_k
-        return list(picked.items())
-
-    def score(
-        self, plan: list[tuple[int, int]], gpus: int, overrides: dict[int, int] | None = None
-    ) -> tuple[int, int, int]:
-        """(weakest level, GPU-weighted level sum, GPUs left free on used nodes): lower wins."""
-        worst = 0
-        weighted = 0
-        left = 0
-        for node_id, k in plan:
-            node = self.nodes[node_id]
-            free = overrides.get(node_id, len(node.free)) if overrides else len(node.free)
-            worst = max(worst, node.rank)
-            weighted += node.rank * k * gpus
-            left += free - k * gpus
-        return worst, weighted, left
-
-
-@dataclass(slots=True)
-class _Victim:
-    alloc: RunningAllocation
-    by_node: dict[int, list[int]]  # node_id -> GPU ids, only on nodes that were passed in
-
-
-@dataclass(slots=True)
-class _Cycle:
+class Cycle:
     """Mutable state of one call to :func:`schedule`; discarded when the call returns."""
 
-    pools: dict[tuple[int, int], _Pool]
-    pool_order: list[_Pool]
+    now_s: int
+    config: PolicyConfig
+    pools: dict[tuple[int, int], Pool]
+    pool_order: list[Pool]
     classes: list[tuple[str, int]]
-    victims: dict[tuple[int, int], list[_Victim]]  # site -> preemptible, in victim order
-    taken: set[int] = field(default_factory=set)  # allocation ids already preempted
-    lower_preemptible: list[int] = field(default_factory=list)  # sorted priorities
-    lower_fixed: list[int] = field(default_factory=list)  # sorted priorities
+    victims: Victims
+    fairness: dict[int, int]  # provider -> delivered/target (x 1e6); lower: further behind
+    targets: dict[int, tuple[int, int]]  # provider -> (target, delivered) GPU-seconds
     match_cache: dict[_MatchKey, frozenset[int]] = field(default_factory=dict)
-    free_fail: dict[tuple[frozenset[int], int], int] = field(default_factory=dict)
-    preempt_fail: dict[tuple[frozenset[int], int], int] = field(default_factory=dict)
-    # Reasons depend on the free GPUs, which change only when something is placed.
+    prefs_cache: dict[tuple[int, bool, bool], Prefs] = field(default_factory=dict)
+    free_fail: dict[tuple[frozenset[int], int, Prefs], int] = field(default_factory=dict)
+    preempt_fail: dict[tuple[frozenset[int], int, Prefs, int], int] = field(default_factory=dict)
+    # Grows with every action (placement, preemption, reservation): caches keyed by it.
     version: int = 0
-    reason_cache: dict[tuple[object, ...], tuple[int, str]] = field(default_factory=dict)
+    preemptions: int = 0
+    reservations: int = 0
+    borrow_fail: dict[tuple[object, ...], int] = field(default_factory=dict)
+    static_reasons: dict[tuple[object, ...], str | None] = field(default_factory=dict)
+    earliest_cache: dict[tuple[object, ...], tuple[int, tuple[int, Pool] | None]] = field(
+        default_factory=dict
+    )
 
     def matching(self, job: JobRequest) -> frozenset[int]:
         key = (job.gpu_model, job.min_gpu_memory_bytes)
@@ -269,197 +105,290 @@ class _Cycle:
             self.match_cache[key] = found
         return found
 
+    def prefs(self, job: JobRequest) -> Prefs:
+        key = (job.priority, job.preemptible, job.checkpointing)
+        found = self.prefs_cache.get(key)
+        if found is None:
+            found = self.prefs_cache[key] = level_preference(job, self.config)
+        return found
 
-def _build(nodes: Sequence[NodeView], running: Sequence[RunningAllocation]) -> _Cycle:
+    def credit(self, provider_id: int, gpus: int) -> None:
+        """Count a placement towards its provider's commitment for the rest of the cycle."""
+        if provider_id in self.targets:
+            target, delivered = self.targets[provider_id]
+            delivered += gpus * self.config.fairness_horizon_s
+            self.targets[provider_id] = (target, delivered)
+            self.fairness[provider_id] = _fulfilment(target, delivered)
+
+
+def _fulfilment(target: int, delivered: int) -> int:
+    return NEVER if target <= 0 else delivered * 1_000_000 // target
+
+
+def build_cycle(
+    nodes: Sequence[NodeView],
+    running: Sequence[RunningAllocation],
+    providers: Sequence[ProviderState],
+    config: PolicyConfig,
+    now_s: int,
+) -> Cycle:
     class_index: dict[tuple[str, int], int] = {}
-    pools: dict[tuple[int, int], _Pool] = {}
+    pools: dict[tuple[int, int], Pool] = {}
     for view in sorted(nodes, key=lambda n: n.node_id):
+        if not in_force(view, now_s):
+            continue
         cls = class_index.setdefault((view.gpu_model, view.gpu_memory_bytes), len(class_index))
         pool = pools.get(view.site_key)
         if pool is None:
-            pool = pools[view.site_key] = _Pool(view.provider_id, view.site_id)
-        pool.add(_Node(view, cls, view.level.rank, sorted(view.free_gpu_ids)))
-    victims: dict[tuple[int, int], list[_Victim]] = defaultdict(list)
-    lower_preemptible: list[int] = []
-    lower_fixed: list[int] = []
+            pool = pools[view.site_key] = Pool(view.provider_id, view.site_id, view.site_name)
+        pool.add(Node(view, cls, view.level.rank, sorted(view.free_gpu_ids)))
     for alloc in running:
-        if not alloc.preemptible:
-            lower_fixed.append(alloc.priority)
-            continue
-        lower_preemptible.append(alloc.priority)
         pool = pools.get(alloc.site_key)
-        by_node: dict[int, list[int]] = {}
-        for node_id, gpu_id in alloc.gpus:
-            if pool is not None and node_id in pool.nodes:
-                by_node.setdefault(node_id, []).append(gpu_id)
-        victims[alloc.site_key].append(_Victim(alloc, by_node))
-    for entries in victims.values():
-        entries.sort(
-            key=lambda v: (v.alloc.priority, -v.alloc.started_at_s, -v.alloc.allocation_id)
-        )
-    return _Cycle(
+        if pool is None:
+            continue
+        if alloc.stopping_until_s is not None:
+            end = max(alloc.stopping_until_s, now_s)
+        elif alloc.expected_end_s is not None:
+            end = max(alloc.expected_end_s, now_s + 1)
+        else:
+            end = config.expected_end(alloc.since_s, None, now_s)
+        per_node: dict[int, int] = {}
+        for node_id, _gpu in alloc.gpus:
+            if node_id in pool.nodes:
+                per_node[node_id] = per_node.get(node_id, 0) + 1
+        for node_id, count in per_node.items():
+            pool.releases.append((end, node_id, count, alloc.allocation_id))
+    for pool in pools.values():
+        pool.releases.sort()
+    targets: dict[int, tuple[int, int]] = {}
+    fairness: dict[int, int] = {}
+    if config.fairness:
+        for p in providers:
+            targets[p.provider_id] = (p.target_gpu_s, p.delivered_gpu_s)
+            fairness[p.provider_id] = _fulfilment(p.target_gpu_s, p.delivered_gpu_s)
+    return Cycle(
+        now_s=now_s,
+        config=config,
         pools=pools,
         pool_order=[pools[p] for p in sorted(pools)],
         classes=list(class_index),
-        victims=dict(victims),
-        lower_preemptible=sorted(lower_preemptible),
-        lower_fixed=sorted(lower_fixed),
+        victims=index_victims(running, pools, now_s, config),
+        fairness=fairness,
+        targets=targets,
     )
 
 
+def _earliest(
+    cycle: Cycle, job: JobRequest, classes: frozenset[int], prefs: Prefs
+) -> tuple[int, Pool] | None:
+    """``backfill.earliest_start``, remembered until the pools change."""
+    key = (classes, job.gpus_per_worker, job.num_workers, prefs)
+    cached = cycle.earliest_cache.get(key)
+    if cached is not None and cached[0] == cycle.version:
+        return cached[1]
+    found = earliest_start(cycle.pool_order, job, classes, prefs, cycle.now_s, cycle.fairness)
+    cycle.earliest_cache[key] = (cycle.version, found)
+    return found
+
+
+def _expected_end(cycle: Cycle, job: JobRequest) -> int:
+    runtime = job.max_runtime_s if job.max_runtime_s is not None else cycle.config.default_runtime_s
+    return cycle.now_s + runtime
+
+
 def _workers(
-    pool: _Pool, plan: list[tuple[int, int]], gpus: int, extra: dict[int, list[int]] | None = None
+    pool: Pool, plan: list[tuple[int, int]], gpus: int, extra: dict[int, list[int]] | None = None
 ) -> tuple[WorkerPlacement, ...]:
     """Commit a plan: take the GPUs from the pool and number the workers in plan order."""
     out: list[WorkerPlacement] = []
     for node_id, k in plan:
-        ids = pool.take(node_id, k * gpus, (extra or {}).get(node_id, ()))
+        ids = pool.take(node_id, k * gpus, (extra or {}).get(node_id))
         for i in range(k):
             out.append(WorkerPlacement(len(out), node_id, tuple(ids[i * gpus : (i + 1) * gpus])))
     return tuple(out)
 
 
-def _place_free(cycle: _Cycle, job: JobRequest, classes: frozenset[int]) -> Placement | None:
+def place_free(
+    cycle: Cycle, job: JobRequest, classes: frozenset[int], prefs: Prefs
+) -> Placement | None:
+    """The best placement of ``job`` on free GPUs (rule 3), or None; commits it."""
     n, g = job.num_workers, job.gpus_per_worker
-    if cycle.free_fail.get((classes, g), n + 1) <= n:
+    fail_key = (classes, g, prefs)
+    if cycle.free_fail.get(fail_key, n + 1) > n:
+        best: tuple[tuple[int, ...], Pool, list[tuple[int, int]]] | None = None
+        for pool in cycle.pool_order:
+            if pool.free_capacity(classes, g, prefs)[0] < n:
+                continue
+            plan = pool.plan(classes, g, n, prefs)
+            if plan is None:  # cannot happen: capacity says it fits
+                continue
+            worst, weighted, left = pool.score(plan, g, prefs)
+            key = (
+                worst,
+                weighted,
+                cycle.fairness.get(pool.provider_id, 0),
+                left,
+                pool.provider_id,
+                pool.site_id,
+            )
+            if best is None or key < best[0]:
+                best = (key, pool, plan)
+        if best is not None:
+            _, pool, plan = best
+            return Placement(job.job_id, pool.provider_id, _workers(pool, plan, g), pool.site_id)
+        cycle.free_fail[fail_key] = n
+    return _borrow(cycle, job, classes, prefs)
+
+
+def _expect_release(cycle: Cycle, job: JobRequest, placement: Placement) -> None:
+    """A gang placed this cycle releases its GPUs at its expected end, like running work."""
+    pool = cycle.pools[(placement.provider_id, placement.site_id)]
+    end = _expected_end(cycle, job)
+    for w in placement.workers:
+        bisect.insort(pool.releases, (end, w.node_id, len(w.gpu_ids), -job.job_id))
+    pool.version += 1
+
+
+def _borrow(
+    cycle: Cycle, job: JobRequest, classes: frozenset[int], prefs: Prefs
+) -> Placement | None:
+    """Backfill onto held GPUs: only for a job expected to end before they are needed."""
+    holds = cycle.reservations + cycle.preemptions  # each adds holds; borrowing only uses them
+    if not holds:
         return None
-    best: tuple[tuple[int, ...], _Pool, list[tuple[int, int]]] | None = None
+    n, g = job.num_workers, job.gpus_per_worker
+    end = _expected_end(cycle, job)
+    fail_key = (classes, g, prefs, end, holds)
+    if cycle.borrow_fail.get(fail_key, n + 1) <= n:
+        return None
+    best: tuple[tuple[int, ...], Pool, list[tuple[int, int]], dict[int, int]] | None = None
     for pool in cycle.pool_order:
-        if pool.free_capacity(classes, g)[0] < n:
+        if not pool.holders:
             continue
-        plan = pool.plan(classes, g, n)
-        if plan is None:  # cannot happen: capacity says it fits
+        overrides = pool.borrowable(classes, prefs, end)
+        if not overrides:
             continue
-        key = (*pool.score(plan, g), pool.provider_id, pool.site_id)
-        if best is None or key < best[0]:
-            best = (key, pool, plan)
-    if best is None:
-        cycle.free_fail[(classes, g)] = n
-        return None
-    _, pool, plan = best
-    return Placement(job.job_id, pool.provider_id, _workers(pool, plan, g), (), pool.site_id)
-
-
-def _victims_for(
-    cycle: _Cycle, pool: _Pool, job: JobRequest, classes: frozenset[int]
-) -> tuple[list[_Victim], dict[int, int]] | None:
-    """The victim set for ``job`` in ``pool`` and the augmented free counts, or None."""
-    n, g = job.num_workers, job.gpus_per_worker
-    cap = pool.free_capacity(classes, g)[0]
-    aug: dict[int, int] = {}
-    chosen: list[_Victim] = []
-
-    def contrib(victim: _Victim) -> Iterable[tuple[int, int]]:
-        for node_id, ids in victim.by_node.items():
-            if pool.nodes[node_id].cls in classes:
-                yield node_id, len(ids)
-
-    for victim in cycle.victims.get((pool.provider_id, pool.site_id), ()):
-        if victim.alloc.priority >= job.priority:
-            break  # sorted by priority: nothing further is eligible
-        if victim.alloc.allocation_id in cycle.taken:
-            continue
-        gains = list(contrib(victim))
-        if not gains:
-            continue  # its GPUs cannot host this job; preempting it would be pure loss
-        chosen.append(victim)
-        for node_id, count in gains:
-            old = aug.get(node_id, len(pool.nodes[node_id].free))
-            aug[node_id] = old + count
-            cap += (old + count) // g - old // g
-        if cap >= n:
-            break
-    if cap < n:
-        return None
-    # Drop victims that are not needed after all, newest-added (highest priority) first.
-    for victim in reversed(chosen[:-1]):
-        delta = 0
-        for node_id, count in contrib(victim):
-            cur = aug[node_id]
-            delta += (cur - count) // g - cur // g
-        if cap + delta >= n:
-            chosen.remove(victim)
-            cap += delta
-            for node_id, count in contrib(victim):
-                aug[node_id] -= count
-    return chosen, aug
-
-
-_PreemptChoice = tuple[tuple[int, ...], "_Pool", list[_Victim], dict[int, int], _Plan]
-
-
-def _place_preempting(cycle: _Cycle, job: JobRequest, classes: frozenset[int]) -> Placement | None:
-    n, g = job.num_workers, job.gpus_per_worker
-    if cycle.preempt_fail.get((classes, g), n + 1) <= n:
-        return None
-    best: _PreemptChoice | None = None
-    for pool in cycle.pool_order:
-        if pool.static_capacity(classes, g)[0] < n:
-            continue
-        found = _victims_for(cycle, pool, job, classes)
-        if found is None:
-            continue
-        chosen, aug = found
-        plan = pool.plan(classes, g, n, aug)
+        plan = pool.plan(classes, g, n, prefs, overrides)
         if plan is None:
             continue
-        preempted = sum(len(v.alloc.gpus) for v in chosen)
-        key = (preempted, *pool.score(plan, g, aug), pool.provider_id, pool.site_id)
+        worst, weighted, left = pool.score(plan, g, prefs, overrides)
+        key = (
+            worst,
+            weighted,
+            cycle.fairness.get(pool.provider_id, 0),
+            left,
+            pool.provider_id,
+            pool.site_id,
+        )
         if best is None or key < best[0]:
-            best = (key, pool, chosen, aug, plan)
+            best = (key, pool, plan, overrides)
     if best is None:
-        cycle.preempt_fail[(classes, g)] = n
+        cycle.borrow_fail[fail_key] = n
         return None
-    _, pool, chosen, aug, plan = best
-    extra: dict[int, list[int]] = {}
-    for victim in chosen:
-        cycle.taken.add(victim.alloc.allocation_id)
-        for node_id, ids in victim.by_node.items():
-            extra.setdefault(node_id, []).extend(ids)
-    workers = _workers(pool, plan, g, extra)
-    preempts = tuple(sorted(v.alloc.allocation_id for v in chosen))
-    logger.debug("job %s preempts %s on provider %s", job.job_id, preempts, pool.provider_id)
-    return Placement(job.job_id, pool.provider_id, workers, preempts, pool.site_id)
+    _, pool, plan, overrides = best
+    extra = {nid: pool.nodes[nid].held_until(end) for nid in overrides}
+    return Placement(job.job_id, pool.provider_id, _workers(pool, plan, g, extra), pool.site_id)
 
 
-def _reason(cycle: _Cycle, job: JobRequest, classes: frozenset[int]) -> str:
-    """Why ``job`` was not placed, from the most fundamental obstacle to the transient one."""
-    n, g = job.num_workers, job.gpus_per_worker
-    if not classes:  # classes come from the nodes passed in, so none match
-        return f"no ready node has {describe_constraint(job)}"
-    statics = [pool.static_capacity(classes, g) for pool in cycle.pool_order]
-    largest_node = max(s[2] for s in statics)
-    if largest_node < g:
-        return (
-            f"needs {g} GPUs per worker on one node; the largest ready node with "
-            f"{describe_constraint(job)} has {largest_node}"
-        )
-    if max(s[0] for s in statics) < n:
-        biggest = max(s[1] for s in statics)
-        total = sum(s[1] for s in statics)
-        text = (
-            f"needs {n} workers x {g} GPUs in one provider; the largest provider has "
-            f"{biggest} matching GPUs"
-        )
-        if sum(s[0] for s in statics) >= n:
-            text += f" ({total} across all providers; a gang never spans providers)"
-        return text
-    frees = [pool.free_capacity(classes, g) for pool in cycle.pool_order]
-    free_gpus = sum(f[1] for f in frees)
-    want = f"{n * g} free GPUs" if n == 1 else f"{n} workers x {g} free GPUs in one provider"
-    text = f"waiting for {want} ({free_gpus} free on matching nodes of any provider"
-    if free_gpus >= n * g:
-        text += f"; fragmented: the best provider fits {max(f[0] for f in frees)} of {n} workers"
-    text += "); "
-    lower_p = bisect.bisect_left(cycle.lower_preemptible, job.priority)
-    lower_f = bisect.bisect_left(cycle.lower_fixed, job.priority)
-    if lower_p == 0 and lower_f == 0:
-        text += "no running work has lower priority"
-    elif lower_p == 0:
-        text += "lower-priority work is not preemptible"
+def _why_no_preemption(cycle: Cycle, job: JobRequest) -> str:
+    v = cycle.victims
+    lower_p = bisect.bisect_left(v.lower_preemptible, job.priority)
+    lower_f = bisect.bisect_left(v.lower_fixed, job.priority)
+    young = bisect.bisect_left(v.too_young, job.priority)
+    if not cycle.config.preemption:
+        return "preemption is off"
+    if lower_p == 0 and lower_f == 0 and young == 0:
+        return "no running work has lower priority"
+    if lower_p == 0 and young:
+        minutes = cycle.config.min_runtime_s // 60
+        return f"lower-priority work has run less than the minimum runtime ({minutes} min)"
+    if lower_p == 0:
+        return "lower-priority work is not preemptible"
+    return "preempting all lower-priority preemptible work would not make room in one site"
+
+
+_NOT_WORTH_SAYING = ("no running work has lower priority", "preemption is off")
+
+
+def _try_preempt(
+    cycle: Cycle, job: JobRequest, classes: frozenset[int], prefs: Prefs
+) -> Preemption | str | None:
+    """A preemption for ``job`` (rule 4), a reason it was refused on cost, or None."""
+    config = cycle.config
+    if not config.preemption or not cycle.victims.lower_preemptible:
+        return None
+    if cycle.victims.lower_preemptible[0] >= job.priority:
+        return None
+    if cycle.preemptions >= config.max_preemptions_per_cycle:
+        return "this cycle's preemption limit is reached"
+    n = job.num_workers
+    fail_key = (classes, job.gpus_per_worker, prefs, job.priority)
+    if cycle.preempt_fail.get(fail_key, n + 1) <= n:
+        return None
+    choice = best_choice(
+        cycle.victims,
+        cycle.pool_order,
+        job,
+        classes,
+        prefs,
+        cycle.fairness,
+        by_loss=config.victim_order == "loss",
+    )
+    if choice is None:
+        cycle.preempt_fail[fail_key] = n
+        return None
+    horizon = config.default_runtime_s
+    if config.preempt_gain_factor:
+        found = _earliest(cycle, job, classes, prefs)
+        wait = horizon if found is None else min(horizon, found[0] - cycle.now_s)
+        if wait <= config.preempt_grace_s:
+            return None  # it starts about as soon without stopping anyone: reserve instead
     else:
-        text += "preempting all lower-priority preemptible work would not make room in one provider"
-    return text
+        wait = horizon  # no cost rule: preempt whenever it makes room
+    gain = job.num_gpus * wait
+    if gain < config.preempt_gain_factor * choice.loss_gpu_s:
+        return (
+            f"preempting would lose {reasons.gpu_hours(choice.loss_gpu_s)} GPU-h of work for "
+            f"{reasons.gpu_hours(gain)} GPU-h of waiting spared "
+            f"(needs {config.preempt_gain_factor}x)"
+        )
+    pool, g = choice.pool, job.gpus_per_worker
+    deadline = cycle.now_s + config.preempt_grace_s
+    victim_gpus: dict[int, int] = {}
+    for victim in choice.victims:
+        cycle.victims.taken.add(victim.alloc.allocation_id)
+        pool.drop_release(victim.alloc.allocation_id)
+        for node_id, ids in victim.by_node.items():
+            victim_gpus[node_id] = victim_gpus.get(node_id, 0) + len(ids)
+    for node_id, k in choice.plan:  # the free GPUs the job will use wait for it
+        from_free = k * g - victim_gpus.get(node_id, 0)
+        if from_free > 0:
+            pool.hold(node_id, from_free, deadline)
+    cycle.preemptions += 1
+    return Preemption(
+        job_id=job.job_id,
+        provider_id=pool.provider_id,
+        site_id=pool.site_id,
+        victims=tuple(sorted(v.alloc.allocation_id for v in choice.victims)),
+        deadline_s=deadline,
+        lost_gpu_s=choice.loss_gpu_s,
+        gain_gpu_s=gain,
+    )
+
+
+_KIND2 = attrgetter("kind2")
+_JOB_ID = attrgetter("job_id")
+_SUBMITTED = attrgetter("submitted_s")
+_ORDER = attrgetter("order")
+# After this many jobs in a row that changed nothing, the rest of the queue is decided per
+# kind of job (see ``_decide_tail``): a long queue of similar jobs costs C-level passes,
+# not a Python iteration per job.
+BULK_AFTER = 64
+
+
+def ordered(queue: Sequence[JobRequest]) -> list[JobRequest]:
+    """The queue in :func:`queue_key` order (``JobRequest.order`` packs that key in an int)."""
+    return sorted(queue, key=_ORDER)
 
 
 def schedule(
@@ -468,40 +397,207 @@ def schedule(
     running: Sequence[RunningAllocation],
     *,
     now_s: int,
+    providers: Sequence[ProviderState] = (),
+    config: PolicyConfig = DEFAULT_CONFIG,
 ) -> Decision:
-    """Decide which queued gangs start now, where, and what they preempt.
-
-    ``now_s`` is accepted for interface stability (time-aware rules such as aging or
-    reservations will need it); the current rules do not depend on it. See the module
-    docstring for the rules.
-    """
-    del now_s
-    cycle = _build(nodes, running)
+    """Decide which queued gangs start now, where, what they preempt, and when the others
+    are expected to start. See the module docstring for the rules."""
+    cycle = build_cycle(nodes, running, providers, config, now_s)
     decision = Decision()
-    for job in sorted(queue, key=queue_key):
+    inflight: dict[int, list[RunningAllocation]] = {}
+    for alloc in running:
+        if alloc.stopping_until_s is not None and alloc.stopping_for_job is not None:
+            inflight.setdefault(alloc.stopping_for_job, []).append(alloc)
+    victim_jobs = {r.allocation_id: r.job_id for r in running}
+    # kind2 + starving -> (cycle.version, reason) of a job that came out with no action:
+    # while nothing changes (every action bumps the version), a job of the same kind gets
+    # the same reason, so a long queue of similar jobs costs a lookup each.
+    memo: dict[int, tuple[int, str]] = {}
+    starving_heads: set[int] = set()  # priority classes whose starving head reserved
+    starve_before = now_s - config.starving_after_s
+
+    def decide(job: JobRequest, starving: bool) -> None:
+        """Rules 2-6 for one job: place it, or record why it waits (and what it does)."""
+        key = job.kind2 + starving
+        if job.job_id not in inflight:
+            hit = memo.get(key)
+            if hit is not None and hit[0] == cycle.version:
+                decision.pending[job.job_id] = hit[1]
+                return
         if job.num_workers < 1 or job.gpus_per_worker < 1:
             decision.pending[job.job_id] = (
                 f"invalid gang shape: {job.num_workers} workers x {job.gpus_per_worker} GPUs"
             )
-            continue
+            return
         classes = cycle.matching(job)
+        prefs = cycle.prefs(job)
         placement = None
-        if classes:
-            placement = _place_free(cycle, job, classes) or _place_preempting(cycle, job, classes)
-        if placement is None:
-            key = (
-                job.gpu_model,
-                job.min_gpu_memory_bytes,
-                job.num_workers,
-                job.gpus_per_worker,
-                job.priority,
-            )
-            cached = cycle.reason_cache.get(key)
-            if cached is None or cached[0] != cycle.version:
-                cached = (cycle.version, _reason(cycle, job, classes))
-                cycle.reason_cache[key] = cached
-            decision.pending[job.job_id] = cached[1]
-        else:
+        if classes and any(p is not None for p in prefs):
+            placement = place_free(cycle, job, classes, prefs)
+        if placement is not None:
             cycle.version += 1
+            cycle.credit(placement.provider_id, job.num_gpus)
+            _expect_release(cycle, job, placement)
             decision.placements.append(placement)
+            return
+        static_key = (classes, job.gpus_per_worker, job.num_workers, prefs)
+        if static_key not in cycle.static_reasons:
+            cycle.static_reasons[static_key] = reasons.not_placeable(
+                job, classes, prefs, cycle.pool_order, config
+            )
+        impossible = cycle.static_reasons[static_key]
+        if impossible is not None:
+            decision.pending[job.job_id] = impossible
+            return
+        version = cycle.version
+        reason = _wait(cycle, decision, job, classes, prefs, inflight, victim_jobs, starving)
+        decision.pending[job.job_id] = reason
+        if cycle.version == version:
+            memo[key] = (version, reason)
+        elif starving and job.job_id in decision.reservations:
+            starving_heads.add(job.priority)
+
+    jobs = ordered(queue)
+    i, quiet = 0, 0
+    while i < len(jobs):
+        if quiet >= BULK_AFTER:
+            resume = _decide_tail(
+                jobs, i, decide, cycle, decision, inflight, starve_before, starving_heads
+            )
+            if resume is None:  # the tail needs its jobs one by one
+                quiet = -len(jobs)
+            else:
+                i, quiet = resume, 0
+            continue
+        job = jobs[i]
+        i += 1
+        sub = job.submitted_s
+        starving = sub is not None and sub <= starve_before and job.priority not in starving_heads
+        version = cycle.version
+        decide(job, starving)
+        quiet = quiet + 1 if cycle.version == version else 0
     return decision
+
+
+def _decide_tail(
+    jobs: list[JobRequest],
+    start: int,
+    decide: Callable[[JobRequest, bool], None],
+    cycle: Cycle,
+    decision: Decision,
+    inflight: dict[int, list[RunningAllocation]],
+    starve_before: int,
+    starving_heads: set[int],
+) -> int | None:
+    """Decide ``jobs[start:]`` by kind, exactly as one by one would: the first job of each
+    kind (its shape, constraints, priority, and whether it has waited long enough to be
+    starving) is decided, in queue order; while none of them acts, every job of a kind gets
+    its first job's reason. When one acts, the jobs before it are decided and the index
+    after it is returned (one by one resumes there). None when the tail holds a job this
+    cannot decide by kind (one whose victims are stopping, or with no submit time)."""
+    tail = jobs[start:]
+    if inflight and not inflight.keys().isdisjoint(map(_JOB_ID, tail)):
+        return None
+    submitted = list(map(_SUBMITTED, tail))
+    if None in submitted:
+        return None
+    keys = list(map(add, map(_KIND2, tail), map(starve_before.__ge__, submitted)))
+    firsts = dict(zip(reversed(keys), range(len(tail) - 1, -1, -1), strict=True))
+    reason_of: dict[int, str] = {}
+    version = cycle.version
+    for idx in sorted(firsts.values()):
+        job = tail[idx]
+        decide(job, bool(keys[idx] & 1) and job.priority not in starving_heads)
+        if cycle.version != version:
+            decision.pending.update(
+                zip(map(_JOB_ID, tail[:idx]), map(reason_of.__getitem__, keys[:idx]), strict=True)
+            )
+            return start + idx + 1
+        reason_of[keys[idx]] = decision.pending[job.job_id]
+    decision.pending.update(zip(map(_JOB_ID, tail), map(reason_of.__getitem__, keys), strict=True))
+    return len(jobs)
+
+
+def _wait(
+    cycle: Cycle,
+    decision: Decision,
+    job: JobRequest,
+    classes: frozenset[int],
+    prefs: Prefs,
+    inflight: dict[int, list[RunningAllocation]],
+    victim_jobs: dict[int, int],
+    starving: bool,
+) -> str:
+    """Rules 4-6 for a job that does not fit now: preempt, reserve, or say why it waits."""
+    config = cycle.config
+    stopping = inflight.get(job.job_id)
+    if stopping:
+        text = reasons.stopping_for(
+            sorted({a.job_id for a in stopping}), max(a.stopping_until_s or 0 for a in stopping)
+        )
+        return _reserve(cycle, decision, job, classes, prefs, text) or text
+    may_reserve = config.backfill and (cycle.reservations < config.reservation_depth or starving)
+    refused = ""
+    outcome = _try_preempt(cycle, job, classes, prefs)
+    if isinstance(outcome, Preemption):
+        cycle.version += 1
+        decision.preemptions.append(outcome)
+        site = cycle.pools[(outcome.provider_id, outcome.site_id)].site_name
+        jobs = sorted({victim_jobs[a] for a in outcome.victims})
+        return reasons.preempting(outcome, jobs, site)
+    if isinstance(outcome, str):
+        refused = outcome
+    why = refused or _why_no_preemption(cycle, job)
+    if may_reserve:
+        held = _reserve(cycle, decision, job, classes, prefs, "")
+        if held is not None:
+            return f"{held}; {why}" if why not in _NOT_WORTH_SAYING else held
+    held_for = ""
+    if cycle.reservations or cycle.preemptions:
+        fits_held = any(
+            pool.plan(
+                classes,
+                job.gpus_per_worker,
+                job.num_workers,
+                prefs,
+                pool.borrowable(classes, prefs, 0),
+            )
+            for pool in cycle.pool_order
+            if pool.holders
+        )
+        if fits_held:
+            held_for = (
+                "the GPUs that would fit it are held for higher-priority jobs that "
+                "start before it would end"
+            )
+    return reasons.waiting(job, classes, prefs, cycle.pool_order, why, held_for)
+
+
+def _reserve(
+    cycle: Cycle,
+    decision: Decision,
+    job: JobRequest,
+    classes: frozenset[int],
+    prefs: Prefs,
+    waiting_for: str,
+) -> str | None:
+    found = _earliest(cycle, job, classes, prefs)
+    if found is None:
+        return None
+    start, pool = found
+    runtime = job.max_runtime_s if job.max_runtime_s is not None else cycle.config.default_runtime_s
+    res = reserve(
+        pool,
+        job,
+        classes,
+        prefs,
+        start,
+        hold=start - cycle.now_s <= cycle.config.backfill_window_s,
+        end_s=start + runtime,
+    )
+    if res is None:
+        return None
+    cycle.version += 1
+    cycle.reservations += 1
+    decision.reservations[job.job_id] = res
+    return reasons.reservation(res, cycle.now_s, waiting_for=waiting_for)

@@ -19,7 +19,7 @@ from scheduler.domain.jobspec import JobSpec
 from scheduler.domain.periods import Grain
 from scheduler.errors import NotFound, ValidationFailed
 from scheduler.policy import JobRequest
-from scheduler.policy.placement import describe_constraint, node_matches
+from scheduler.policy.constraints import describe_constraint, node_matches
 from scheduler.schemas import AllocationPublic, JobDetail, JobPublic, WorkerPublic
 from scheduler.services import packages
 from scheduler.services.transitions import gpu_seconds, transition_job

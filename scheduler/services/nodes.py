@@ -15,12 +15,14 @@ from datetime import datetime, timedelta
 from sqlmodel import Session, col, select
 
 from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Node, Provider, Site
-from scheduler.domain.enums import GpuHealth, NodeStatus
+from scheduler.db.types import utcnow
+from scheduler.domain.enums import EndReason, GpuHealth, NodeStatus
 from scheduler.domain.gpu_models import canonical_model
 from scheduler.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from scheduler.schemas import GpuPublic, Heartbeat, NodePublic, NodeRegister
 from scheduler.services.providers import active_agreement
 from scheduler.services.sites import site_for_node
+from scheduler.services.transitions import request_stop
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +128,52 @@ def heartbeat(session: Session, *, node: Node, body: Heartbeat, now: datetime) -
 
 
 def set_node_status(
-    session: Session, *, node: Node, status: NodeStatus, reason: str | None
-) -> Node:
-    """Drain (finish running work, take no new), cordon (take no new) or make ready again."""
+    session: Session,
+    *,
+    node: Node,
+    status: NodeStatus,
+    reason: str | None,
+    notice_s: int | None = None,
+    let_finish: bool = False,
+    now: datetime | None = None,
+) -> tuple[Node, list[int]]:
+    """Drain, cordon (take no new work) or make a node ready again; the node and the jobs
+    asked to move.
+
+    Draining is the provider taking the node back: the work on it gets ``notice_s`` (by
+    default its agreement's ``reclaim_notice_s``) to checkpoint, is then stopped and moved
+    elsewhere (end reason ``provider_reclaim``), and the node takes no new work meanwhile.
+    With ``let_finish`` running work finishes where it is instead."""
     if status == NodeStatus.lost:
         raise ValidationFailed("status", "lost is set by the control plane, not by hand")
+    if status != NodeStatus.draining and (notice_s is not None or let_finish):
+        raise ValidationFailed("notice_s", "a notice or let_finish only applies to draining")
     node.status = status
     node.status_reason = reason
     session.add(node)
+    moved: list[int] = []
+    if status == NodeStatus.draining and not let_finish:
+        now = now or utcnow()
+        if notice_s is None:
+            agreement = session.get(Agreement, node.agreement_id)
+            notice_s = agreement.reclaim_notice_s if agreement is not None else 0
+        deadline = now + timedelta(seconds=notice_s)
+        for alloc in session.exec(
+            select(Allocation)
+            .join(AllocationGpu, col(AllocationGpu.allocation_id) == col(Allocation.id))
+            .where(AllocationGpu.node_id == node.id, col(Allocation.ended_at).is_(None))
+            .distinct()
+        ):
+            if request_stop(
+                session,
+                alloc=alloc,
+                reason=EndReason.provider_reclaim,
+                now=now,
+                deadline=deadline,
+            ):
+                moved.append(alloc.job_id)
     session.flush()
-    return node
+    return node, moved
 
 
 def mark_lost_nodes(session: Session, *, now: datetime, lost_after_s: int) -> list[Node]:

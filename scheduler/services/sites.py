@@ -217,6 +217,7 @@ def apply_report(
         outcome=outcome,
     )
     _save_live_logs(session, site=site, logs=report.logs, now=now)
+    _save_checkpoints(session, site=site, checkpoints=report.checkpoints, now=now)
     if report.ray_nodes is not None:
         outcome.joined = _mark_ray_membership(session, site=site, alive=set(report.ray_nodes))
     site = session.exec(select(Site).where(Site.id == site.id)).one()
@@ -277,7 +278,7 @@ def _apply_event(
         if alloc.ended_at is None:
             reason = alloc.stop_reason or EndReason.node_lost
             to = JobStatus.pending if reason in _REQUEUE else _FINAL[reason]
-            _end(session, alloc, to, reason, None, at, now, outcome)
+            _end(session, alloc, to, reason, None, at, now, outcome, pending_reason=_why(alloc))
         _release(session, alloc, now, outcome)
     session.add(
         AllocationEvent(
@@ -305,6 +306,15 @@ _FINAL = {
 }
 
 
+def _why(alloc: Allocation) -> str | None:
+    """The requeued job's pending reason after a graceful stop."""
+    if alloc.stop_reason is EndReason.preempted and alloc.stop_for_job_id is not None:
+        return f"requeued: preempted by job {alloc.stop_for_job_id}; resumes from its checkpoint"
+    if alloc.stop_reason is EndReason.provider_reclaim:
+        return "requeued: the provider reclaimed its node; resumes from its checkpoint"
+    return None
+
+
 def _end(
     session: Session,
     alloc: Allocation,
@@ -316,6 +326,7 @@ def _end(
     outcome: ReportOutcome,
     *,
     failed_rank: int | None = None,
+    pending_reason: str | None = None,
 ) -> None:
     """Close an open allocation as the site saw it end: finished, failed, or requeued (and
     failed instead after ``MAX_ATTEMPTS`` lost or failed starts)."""
@@ -333,6 +344,7 @@ def _end(
         end_at=at,
         failed_rank=failed_rank,
         grain=outcome.grain,
+        pending_reason=pending_reason,
     )
     if to is JobStatus.pending:
         outcome.requeued[alloc.job_id] = reason
@@ -394,6 +406,26 @@ def _reconcile(
             error = "the site no longer runs the workers (its Ray cluster restarted?)"
             _end(session, alloc, JobStatus.pending, EndReason.node_lost, error, end, now, outcome)
         _release(session, alloc, now, outcome)
+
+
+def _save_checkpoints(
+    session: Session, *, site: Site, checkpoints: dict[int, datetime], now: datetime
+) -> None:
+    """Keep each open allocation's latest checkpoint (never in the future, never older)."""
+    if not checkpoints:
+        return
+    for alloc in session.exec(
+        select(Allocation).where(
+            Allocation.site_id == site.id,
+            col(Allocation.id).in_(list(checkpoints)),
+            col(Allocation.ended_at).is_(None),
+        )
+    ):
+        assert alloc.id is not None
+        at = min(checkpoints[alloc.id], now)
+        if alloc.last_checkpoint_at is None or at > alloc.last_checkpoint_at:
+            alloc.last_checkpoint_at = at
+            session.add(alloc)
 
 
 def _save_live_logs(

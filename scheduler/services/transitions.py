@@ -45,7 +45,7 @@ from scheduler.errors import Conflict, NotFound
 from scheduler.policy.types import WorkerPlacement
 from scheduler.services.ledger import gpu_seconds, write_usage
 
-__all__ = ["PlacementRecord", "gpu_seconds", "mark_running", "transition_job"]
+__all__ = ["PlacementRecord", "gpu_seconds", "mark_running", "request_stop", "transition_job"]
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +250,32 @@ def _close_allocation(
     alloc.site_version = bump_site(session, alloc.site_id)
     session.add(alloc)
     write_usage(session, alloc, until=end, grain=grain, now=now)
+
+
+STOP_REASONS = frozenset({EndReason.preempted, EndReason.provider_reclaim})
+
+
+def request_stop(
+    session: Session,
+    *,
+    alloc: Allocation,
+    reason: EndReason,
+    now: datetime,
+    deadline: datetime,
+    for_job: int | None = None,
+) -> bool:
+    """Ask the site to stop an open allocation with a grace period: its workers get SIGTERM
+    and until ``deadline`` to checkpoint and exit. The allocation stays open (and billed:
+    the GPUs are held) until the site reports the workers ``stopped``; the job is then
+    requeued with ``reason``. False when it is closed or already stopping (that stands)."""
+    if reason not in STOP_REASONS:
+        raise ValueError(f"a graceful stop is for {sorted(STOP_REASONS)}, not {reason}")
+    if alloc.ended_at is not None or alloc.stop_requested_at is not None:
+        return False
+    alloc.stop_requested_at = now
+    alloc.stop_deadline_at = max(deadline, now)
+    alloc.stop_reason = reason
+    alloc.stop_for_job_id = for_job
+    alloc.site_version = bump_site(session, alloc.site_id)
+    session.add(alloc)
+    return True

@@ -1,24 +1,27 @@
-"""Discrete-event trace replay: run a policy function against a job trace on a fixed cluster.
+"""Discrete-event trace replay: run a policy function against a job trace on a fixed fleet.
 
 The simulator owns the clock and the cluster state; the policy stays the same pure function
 that the live loop calls. Model (all times integer seconds, from the trace's first submit):
 
-* The policy runs once per cycle, at multiples of ``cycle_s``. A job submitted at ``s``
-  joins the queue at the first cycle at or after ``s``; a gang started at cycle ``t`` holds
-  its GPUs until ``t + duration_s``; they are free again from the first cycle at or after.
-* A preempted job goes back to the queue (keeping its submission order) and restarts from
-  scratch: the GPU-seconds it had run are counted as lost work.
+* The policy runs once per cycle, at multiples of ``cycle_s``, and only in cycles where
+  something changed (a submit, an end, a stop, a placement in the previous cycle, or a
+  reservation coming due); other cycles are skipped, jumping to the next event. A job
+  submitted at ``s`` joins the queue at the first cycle at or after ``s``; a gang started
+  at cycle ``t`` holds its GPUs until it ends; they are free again from the next cycle.
+* A preemption asks its victims to stop: they keep their GPUs (and keep computing) for
+  ``grace_s``, then stop. A job that checkpoints every ``checkpoint_s`` seconds of its run
+  keeps the work up to its last checkpoint and resumes from it; the rest is lost work.
+  A job without checkpoints restarts from scratch. The preempting job is placed by a later
+  cycle, once the GPUs are free, like any other.
 * ``wait_s`` of a job is the total time it spent queued (including after preemptions), so
-  ``jct_s == wait_s + lost run time + duration_s``.
-* Cycles in which nothing can have changed (no submission, completion or placement since a
-  cycle that placed nothing) are skipped, jumping to the cycle of the next event. This is
-  exact for policies that are functions of (queue, nodes, running), which both built-in
-  policies are (``now_s`` is passed but not used by them).
-* Every decision is validated (GPUs free or freed by the listed victims, one provider per
-  gang, model and memory constraints, victims preemptible and of lower priority); an
-  invalid decision raises :class:`InvalidDecision` rather than being silently repaired.
+  ``jct_s == wait_s + time held by its runs``.
+* Fairness input: each provider's committed GPU-seconds for the current 30-day period, pro
+  rata to now, and what it delivered in the period so far (GPU-seconds held on it).
+* Every decision is validated (``scheduler.policy.validate``); an invalid decision raises
+  :class:`InvalidDecision` rather than being silently repaired.
 * If jobs remain queued while nothing runs, nothing is due to arrive and the policy places
-  nothing, they can never run: the replay stops and reports them in ``unfinished``.
+  and preempts nothing, they can never run: the replay stops and reports them in
+  ``unfinished``.
 
 ``time.perf_counter`` measures the policy's wall time here, never inside the policy.
 """
@@ -29,25 +32,27 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from scheduler.domain.enums import CommitmentLevel
-from scheduler.policy.placement import node_matches
 from scheduler.policy.types import (
     JobRequest,
     NodeView,
     Placement,
     PolicyFn,
+    ProviderState,
     RunningAllocation,
 )
+from scheduler.policy.validate import InvalidDecision
+from scheduler.policy.validate import validate as validate_decision
 
 logger = logging.getLogger(__name__)
 
+MONTH_S = 30 * 86400
 
-class InvalidDecision(RuntimeError):
-    """The policy returned a decision that violates the cluster's physical rules."""
+__all__ = ["InvalidDecision", "JobOutcome", "NodeSpec", "ReplayResult", "TraceJob", "replay"]
 
 
 class NodeSpecLike(Protocol):
@@ -83,6 +88,7 @@ class NodeSpec:
     gpu_memory_bytes: int
     total_gpus: int
     site_id: int = 0
+    site_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,9 @@ class TraceJob:
     gpu_model: str | None = None
     min_gpu_memory_bytes: int | None = None
     label: str = ""  # e.g. the priority class name, for reporting
+    checkpoint_s: int | None = None  # checkpoints every this many seconds of a run
+    max_runtime_s: int | None = None  # what the user declared (the policy sees it)
+    team: str = ""
 
     @property
     def num_gpus(self) -> int:
@@ -130,8 +139,8 @@ class ReplayResult:
     outcomes: list[JobOutcome]
     total_gpus: int
     makespan_s: int  # from time 0 (first submit) to the last completion
-    busy_gpu_s: int  # GPU-seconds held by gangs, lost work included
-    useful_gpu_s: int  # GPU-seconds of completed runs
+    busy_gpu_s: int  # GPU-seconds held by gangs, lost work and grace periods included
+    useful_gpu_s: int  # GPU-seconds of work kept (completed jobs' work)
     lost_gpu_s: int
     preemptions: int
     # Over the time when at least one job was queued: GPU capacity, and GPU-seconds held.
@@ -140,6 +149,11 @@ class ReplayResult:
     contended_capacity_gpu_s: int = 0
     contended_busy_gpu_s: int = 0
     policy_s: list[float] = field(default_factory=list)  # wall time of each policy call
+    # GPU-seconds held, per provider and per level, within [0, window_s] (the trace's span)
+    window_s: int = 0
+    provider_gpu_s: dict[int, int] = field(default_factory=dict)
+    level_gpu_s: dict[str, int] = field(default_factory=dict)
+    committed_gpu_s: dict[int, int] = field(default_factory=dict)  # over the window
 
     @property
     def unfinished(self) -> list[JobOutcome]:
@@ -161,6 +175,10 @@ class ReplayResult:
     def useful_utilisation(self) -> float:
         span = self.total_gpus * self.makespan_s
         return self.useful_gpu_s / span if span else 0.0
+
+    def fulfilment(self) -> dict[int, float]:
+        """Delivered / committed GPU-seconds over the window, per committed provider."""
+        return {p: self.provider_gpu_s.get(p, 0) / c for p, c in self.committed_gpu_s.items() if c}
 
     def finished(self, label: str | None = None) -> list[JobOutcome]:
         return [
@@ -211,177 +229,11 @@ class _Run:
     job: TraceJob
     placement: Placement
     start_s: int
-    end_s: int
+    end_s: int  # when it completes if nothing stops it
     gpus: tuple[tuple[int, int], ...]
-
-
-def replay(
-    jobs: Sequence[TraceJob],
-    cluster: Sequence[NodeSpecLike],
-    policy_fn: PolicyFn,
-    *,
-    cycle_s: int = 60,
-) -> ReplayResult:
-    """Replay ``jobs`` on ``cluster`` under ``policy_fn``; see the module docstring."""
-    if cycle_s < 1:
-        raise ValueError("cycle_s must be >= 1")
-    nodes = {n.node_id: n for n in cluster}
-    if len(nodes) != len(cluster):
-        raise ValueError("duplicate node ids in cluster")
-    free: dict[int, set[int]] = {n.node_id: set(range(n.total_gpus)) for n in cluster}
-    total_gpus = sum(n.total_gpus for n in cluster)
-
-    arrivals = sorted(jobs, key=lambda j: (j.submit_s, j.job_id))
-    seq_of = {j.job_id: i for i, j in enumerate(arrivals)}
-    if len(seq_of) != len(arrivals):
-        raise ValueError("duplicate job ids in trace")
-    outcomes = {j.job_id: JobOutcome(j) for j in arrivals}
-    queued: dict[int, int] = {}  # job_id -> time it (re)joined the queue
-    running: dict[int, _Run] = {}  # allocation_id -> run
-    ends: list[tuple[int, int]] = []  # heap of (end_s, allocation_id)
-    next_arrival = 0
-    next_alloc = 1
-    busy = useful = lost = preemptions = 0
-    policy_s: list[float] = []
-    makespan = 0
-
-    def release(run: _Run) -> None:
-        for node_id, gpu in run.gpus:
-            free[node_id].add(gpu)
-
-    requests: dict[int, JobRequest] = {j.job_id: _request(j, seq_of[j.job_id]) for j in arrivals}
-    held = 0  # GPUs held by running gangs
-    contended_cap = contended_busy = 0
-    was_waiting = False  # a job was queued after the previous iteration's decisions
-    t_prev = 0
-    t = 0
-    must_run = True
-    while next_arrival < len(arrivals) or queued or running:
-        if was_waiting:
-            contended_cap += total_gpus * (t - t_prev)
-            contended_busy += held * (t - t_prev)
-        while ends and ends[0][0] <= t:
-            end_s, aid = heapq.heappop(ends)
-            run = running.pop(aid, None)
-            if run is None or run.end_s != end_s:
-                continue  # preempted earlier; stale heap entry
-            release(run)
-            held -= run.job.num_gpus
-            if was_waiting:  # not held between its end and this cycle
-                contended_busy -= run.job.num_gpus * (t - end_s)
-            outcome = outcomes[run.job.job_id]
-            outcome.finish_s = end_s
-            makespan = max(makespan, end_s)
-            busy += run.job.num_gpus * (end_s - run.start_s)
-            useful += run.job.gpu_seconds
-            must_run = True
-        while next_arrival < len(arrivals) and arrivals[next_arrival].submit_s <= t:
-            job = arrivals[next_arrival]
-            queued[job.job_id] = job.submit_s
-            next_arrival += 1
-            must_run = True
-
-        placed_any = False
-        if must_run and queued:
-            queue = [requests[jid] for jid in queued]
-            views = [
-                NodeView(
-                    node_id=n.node_id,
-                    name=n.name,
-                    provider_id=n.provider_id,
-                    level=n.level,
-                    gpu_model=n.gpu_model,
-                    gpu_memory_bytes=n.gpu_memory_bytes,
-                    free_gpu_ids=tuple(sorted(free[n.node_id])),
-                    total_gpus=n.total_gpus,
-                    site_id=n.site_id,
-                )
-                for n in cluster
-            ]
-            allocs = [
-                RunningAllocation(
-                    allocation_id=r.allocation_id,
-                    job_id=r.job.job_id,
-                    priority=r.job.priority,
-                    preemptible=r.job.preemptible,
-                    provider_id=r.placement.provider_id,
-                    started_at_s=r.start_s,
-                    gpus=r.gpus,
-                    site_id=r.placement.site_id,
-                )
-                for r in running.values()
-            ]
-            started = time.perf_counter()
-            decision = policy_fn(queue, views, allocs, now_s=t)
-            policy_s.append(time.perf_counter() - started)
-            for placement in decision.placements:
-                if placement.job_id not in queued:
-                    raise InvalidDecision(f"job {placement.job_id} is not queued")
-                job = outcomes[placement.job_id].job
-                victims = []
-                for aid in placement.preempts:
-                    victim = running.get(aid)
-                    if victim is None:
-                        raise InvalidDecision(f"allocation {aid} is not running")
-                    if not victim.job.preemptible or victim.job.priority >= job.priority:
-                        raise InvalidDecision(f"allocation {aid} may not be preempted")
-                    victims.append(victim)
-                for victim in victims:
-                    del running[victim.allocation_id]
-                    release(victim)
-                    held -= victim.job.num_gpus
-                    ran = victim.job.num_gpus * (t - victim.start_s)
-                    busy += ran
-                    lost += ran
-                    preemptions += 1
-                    v_out = outcomes[victim.job.job_id]
-                    v_out.preemptions += 1
-                    v_out.lost_gpu_s += ran
-                    queued[victim.job.job_id] = t
-                gpus = _validate(placement, job, nodes, free)
-                for node_id, gpu in gpus:
-                    free[node_id].remove(gpu)
-                outcome = outcomes[job.job_id]
-                outcome.wait_s += t - queued.pop(job.job_id)
-                if outcome.first_start_s is None:
-                    outcome.first_start_s = t
-                run = _Run(next_alloc, job, placement, t, t + job.duration_s, gpus)
-                running[next_alloc] = run
-                held += job.num_gpus
-                heapq.heappush(ends, (run.end_s, next_alloc))
-                next_alloc += 1
-                placed_any = True
-        must_run = placed_any
-        was_waiting = bool(queued)
-        t_prev = t
-
-        if must_run:
-            t += cycle_s
-            continue
-        upcoming = []
-        if ends:
-            upcoming.append(ends[0][0])
-        if next_arrival < len(arrivals):
-            upcoming.append(arrivals[next_arrival].submit_s)
-        if not upcoming:
-            if queued:
-                logger.warning("%d jobs can never be placed; stopping the replay", len(queued))
-            break
-        t = max(t + cycle_s, -(-min(upcoming) // cycle_s) * cycle_s)
-        must_run = True
-
-    return ReplayResult(
-        outcomes=[outcomes[j.job_id] for j in arrivals],
-        total_gpus=total_gpus,
-        makespan_s=makespan,
-        busy_gpu_s=busy,
-        useful_gpu_s=useful,
-        lost_gpu_s=lost,
-        preemptions=preemptions,
-        contended_capacity_gpu_s=contended_cap,
-        contended_busy_gpu_s=contended_busy,
-        policy_s=policy_s,
-    )
+    level: str
+    view: RunningAllocation
+    stop_s: int | None = None  # asked to stop: its GPUs are free from here
 
 
 def _request(job: TraceJob, seq: int) -> JobRequest:
@@ -394,34 +246,280 @@ def _request(job: TraceJob, seq: int) -> JobRequest:
         gpu_model=job.gpu_model,
         min_gpu_memory_bytes=job.min_gpu_memory_bytes,
         preemptible=job.preemptible,
+        checkpointing=job.checkpoint_s is not None,
+        max_runtime_s=job.max_runtime_s,
+        submitted_s=job.submit_s,
+        team=job.team,
     )
 
 
-def _validate(
-    placement: Placement,
-    job: TraceJob,
-    nodes: dict[int, NodeSpecLike],
-    free: dict[int, set[int]],
-) -> tuple[tuple[int, int], ...]:
-    """The (node, gpu) pairs of a placement, after checking it against the physical rules."""
-    if len(placement.workers) != job.num_workers:
-        raise InvalidDecision(f"job {job.job_id}: {len(placement.workers)} workers placed")
-    gpus: list[tuple[int, int]] = []
-    for worker in placement.workers:
-        node = nodes.get(worker.node_id)
-        if node is None or (node.provider_id, node.site_id) != (
-            placement.provider_id,
-            placement.site_id,
-        ):
-            raise InvalidDecision(f"job {job.job_id}: node {worker.node_id} not in the site")
-        if not node_matches(_request(job, 0), node.gpu_model, node.gpu_memory_bytes):
-            raise InvalidDecision(f"job {job.job_id}: node {node.node_id} does not match")
-        if len(worker.gpu_ids) != job.gpus_per_worker:
-            raise InvalidDecision(f"job {job.job_id}: worker has {len(worker.gpu_ids)} GPUs")
-        for gpu in worker.gpu_ids:
-            if gpu not in free[node.node_id]:
-                raise InvalidDecision(f"job {job.job_id}: GPU {gpu} on {node.node_id} not free")
-            gpus.append((node.node_id, gpu))
-    if len(set(gpus)) != len(gpus):
-        raise InvalidDecision(f"job {job.job_id}: a GPU is used twice")
-    return tuple(gpus)
+def replay(
+    jobs: Sequence[TraceJob],
+    cluster: Sequence[NodeSpecLike],
+    policy_fn: PolicyFn,
+    *,
+    cycle_s: int = 60,
+    grace_s: int = 30,
+    commitments: dict[int, int] | None = None,
+    validate: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """Replay ``jobs`` on ``cluster`` under ``policy_fn``; see the module docstring.
+
+    ``commitments``: committed GPU-seconds per 30-day period, per provider id (fairness
+    input and the fulfilment figures). ``progress`` is called with the number of jobs
+    finished so far, now and then."""
+    if cycle_s < 1:
+        raise ValueError("cycle_s must be >= 1")
+    nodes = {n.node_id: n for n in cluster}
+    if len(nodes) != len(cluster):
+        raise ValueError("duplicate node ids in cluster")
+    commitments = dict(commitments or {})
+    free: dict[int, set[int]] = {n.node_id: set(range(n.total_gpus)) for n in cluster}
+    total_gpus = sum(n.total_gpus for n in cluster)
+    arrivals = sorted(jobs, key=lambda j: (j.submit_s, j.job_id))
+    seq_of = {j.job_id: i for i, j in enumerate(arrivals)}
+    if len(seq_of) != len(arrivals):
+        raise ValueError("duplicate job ids in trace")
+    window = arrivals[-1].submit_s if arrivals else 0
+    outcomes = {j.job_id: JobOutcome(j) for j in arrivals}
+    requests = {j.job_id: _request(j, seq_of[j.job_id]) for j in arrivals}
+    done_work: dict[int, int] = {}  # job -> seconds of work kept by checkpoints
+    queued: dict[int, int] = {}  # job_id -> time it (re)joined the queue
+    running: dict[int, _Run] = {}  # allocation_id -> run
+    ends: list[tuple[int, int]] = []  # heap of (time, allocation_id): completions and stops
+    views: dict[int, NodeView] = {}
+    dirty: set[int] = set(nodes)  # nodes whose view must be rebuilt
+    next_arrival = 0
+    next_alloc = 1
+    busy = useful = lost = preemptions = 0
+    provider_gpu_s: dict[int, int] = {}
+    level_gpu_s: dict[str, int] = {}
+    period_closed: dict[int, int] = {}  # provider -> GPU-seconds closed in this period
+    period = 0
+    policy_s: list[float] = []
+    makespan = 0
+    held = 0  # GPUs held by gangs
+    contended_cap = contended_busy = 0
+    was_waiting = False
+    finished = 0
+    t_prev = t = 0
+    must_run = True
+    wake_at: int | None = None  # a reservation's start: run the policy then
+
+    def account(run: _Run, until: int) -> None:
+        """Book the GPU-seconds ``run`` held, [start, until), to its provider and level."""
+        nonlocal busy
+        g = run.job.num_gpus
+        busy += g * (until - run.start_s)
+        inside = max(0, min(until, window) - run.start_s) if window else until - run.start_s
+        pid = run.placement.provider_id
+        provider_gpu_s[pid] = provider_gpu_s.get(pid, 0) + g * inside
+        level_gpu_s[run.level] = level_gpu_s.get(run.level, 0) + g * inside
+        start_in_period = max(run.start_s, period * MONTH_S)
+        if until > start_in_period:
+            period_closed[pid] = period_closed.get(pid, 0) + g * (until - start_in_period)
+
+    def release(run: _Run) -> None:
+        nonlocal held
+        for node_id, gpu in run.gpus:
+            free[node_id].add(gpu)
+            dirty.add(node_id)
+        held -= run.job.num_gpus
+
+    while next_arrival < len(arrivals) or queued or running:
+        if t // MONTH_S != period:
+            period = t // MONTH_S
+            period_closed.clear()
+        if was_waiting:
+            contended_cap += total_gpus * (t - t_prev)
+            contended_busy += held * (t - t_prev)
+        while ends and ends[0][0] <= t:
+            at, aid = heapq.heappop(ends)
+            run = running.get(aid)
+            if run is None or at != (run.stop_s if run.stop_s is not None else run.end_s):
+                continue  # stale entry
+            del running[aid]
+            release(run)
+            if was_waiting:  # not held between its end and this cycle
+                contended_busy -= run.job.num_gpus * (t - at)
+            account(run, at)
+            outcome = outcomes[run.job.job_id]
+            if run.stop_s is None or run.end_s <= run.stop_s:  # completed
+                outcome.finish_s = run.end_s
+                makespan = max(makespan, run.end_s)
+                useful += run.job.gpu_seconds
+                finished += 1
+            else:  # stopped: keep the work up to its last checkpoint
+                ran = run.stop_s - run.start_s
+                every = run.job.checkpoint_s
+                kept = (ran // every) * every if every else 0
+                if every is None:
+                    done_work.pop(run.job.job_id, None)  # restarts from scratch
+                else:
+                    done_work[run.job.job_id] = done_work.get(run.job.job_id, 0) + kept
+                wasted = run.job.num_gpus * (ran - kept)
+                lost += wasted
+                outcome.lost_gpu_s += wasted
+                queued[run.job.job_id] = at
+            must_run = True
+        while next_arrival < len(arrivals) and arrivals[next_arrival].submit_s <= t:
+            job = arrivals[next_arrival]
+            queued[job.job_id] = job.submit_s
+            next_arrival += 1
+            must_run = True
+        if wake_at is not None and t >= wake_at:
+            must_run, wake_at = True, None
+
+        placed_any = False
+        if must_run and queued:
+            for node_id in dirty:
+                n = nodes[node_id]
+                views[node_id] = NodeView(
+                    node_id=n.node_id,
+                    name=n.name,
+                    provider_id=n.provider_id,
+                    level=n.level,
+                    gpu_model=n.gpu_model,
+                    gpu_memory_bytes=n.gpu_memory_bytes,
+                    free_gpu_ids=tuple(sorted(free[node_id])),
+                    total_gpus=n.total_gpus,
+                    site_id=n.site_id,
+                    site_name=getattr(n, "site_name", ""),
+                )
+            dirty.clear()
+            node_views = list(views.values())
+            allocs = [_with_checkpoint(r, t) for r in running.values()]
+            queue = list(map(requests.__getitem__, queued))
+            providers = _provider_states(commitments, period_closed, running, t, period)
+            started = time.perf_counter()
+            decision = policy_fn(queue, node_views, allocs, now_s=t, providers=providers)
+            policy_s.append(time.perf_counter() - started)
+            if validate:
+                validate_decision(decision, queue, node_views, allocs, now_s=t)
+            for pre in decision.preemptions:
+                for aid in pre.victims:
+                    victim = running[aid]
+                    victim.stop_s = min(pre.deadline_s, victim.end_s)
+                    victim.view = _stopping(victim.view, victim.stop_s, pre.job_id)
+                    if victim.stop_s < victim.end_s:
+                        preemptions += 1
+                        outcomes[victim.job.job_id].preemptions += 1
+                        heapq.heappush(ends, (victim.stop_s, aid))
+                placed_any = True
+            for placement in decision.placements:
+                job = outcomes[placement.job_id].job
+                gpus = tuple((w.node_id, g) for w in placement.workers for g in w.gpu_ids)
+                for node_id, gpu in gpus:
+                    free[node_id].remove(gpu)
+                    dirty.add(node_id)
+                outcome = outcomes[job.job_id]
+                outcome.wait_s += t - queued.pop(job.job_id)
+                if outcome.first_start_s is None:
+                    outcome.first_start_s = t
+                remaining = job.duration_s - done_work.get(job.job_id, 0)
+                level = nodes[placement.workers[0].node_id].level.value
+                view = RunningAllocation(
+                    allocation_id=next_alloc,
+                    job_id=job.job_id,
+                    priority=job.priority,
+                    preemptible=job.preemptible,
+                    provider_id=placement.provider_id,
+                    started_at_s=t,
+                    gpus=gpus,
+                    site_id=placement.site_id,
+                    expected_end_s=t + job.max_runtime_s if job.max_runtime_s else None,
+                )
+                run = _Run(next_alloc, job, placement, t, t + remaining, gpus, level, view)
+                running[next_alloc] = run
+                held += job.num_gpus
+                heapq.heappush(ends, (run.end_s, next_alloc))
+                next_alloc += 1
+                placed_any = True
+            if decision.reservations:
+                soonest = min(r.start_s for r in decision.reservations.values())
+                if soonest > t:
+                    wake_at = soonest if wake_at is None else min(wake_at, soonest)
+            if progress is not None:
+                progress(finished)
+        must_run = placed_any
+        was_waiting = bool(queued)
+        t_prev = t
+
+        if must_run:
+            t += cycle_s
+            continue
+        upcoming = []
+        if ends:
+            upcoming.append(ends[0][0])
+        if next_arrival < len(arrivals):
+            upcoming.append(arrivals[next_arrival].submit_s)
+        if wake_at is not None and queued:
+            upcoming.append(wake_at)
+        if not upcoming:
+            if queued:
+                logger.warning("%d jobs can never be placed; stopping the replay", len(queued))
+            break
+        t = max(t + cycle_s, -(-min(upcoming) // cycle_s) * cycle_s)
+        must_run = True
+
+    committed = {p: c * window // MONTH_S for p, c in commitments.items()}
+    return ReplayResult(
+        outcomes=[outcomes[j.job_id] for j in arrivals],
+        total_gpus=total_gpus,
+        makespan_s=makespan,
+        busy_gpu_s=busy,
+        useful_gpu_s=useful,
+        lost_gpu_s=lost,
+        preemptions=preemptions,
+        contended_capacity_gpu_s=contended_cap,
+        contended_busy_gpu_s=contended_busy,
+        policy_s=policy_s,
+        window_s=window,
+        provider_gpu_s=provider_gpu_s,
+        level_gpu_s=level_gpu_s,
+        committed_gpu_s=committed,
+    )
+
+
+def _with_checkpoint(run: _Run, t: int) -> RunningAllocation:
+    """The run's view with its latest checkpoint as of ``t`` (the policy's loss input)."""
+    every = run.job.checkpoint_s
+    if not every or t - run.start_s < every:
+        return run.view
+    last = run.start_s + ((t - run.start_s) // every) * every
+    if run.view.last_checkpoint_s == last:
+        return run.view
+    run.view = _replace_ckpt(run.view, last)
+    return run.view
+
+
+def _replace_ckpt(view: RunningAllocation, last: int) -> RunningAllocation:
+    return replace(view, last_checkpoint_s=last)
+
+
+def _stopping(view: RunningAllocation, until: int, for_job: int) -> RunningAllocation:
+    return replace(view, stopping_until_s=until, stopping_for_job=for_job)
+
+
+def _provider_states(
+    commitments: dict[int, int],
+    closed: dict[int, int],
+    running: dict[int, _Run],
+    t: int,
+    period: int,
+) -> list[ProviderState]:
+    if not commitments:
+        return []
+    start = period * MONTH_S
+    delivered = dict(closed)
+    for run in running.values():
+        pid = run.placement.provider_id
+        if pid in commitments:
+            delivered[pid] = delivered.get(pid, 0) + run.job.num_gpus * (
+                t - max(start, run.start_s)
+            )
+    return [
+        ProviderState(pid, c * (t - start) // MONTH_S, delivered.get(pid, 0))
+        for pid, c in sorted(commitments.items())
+    ]

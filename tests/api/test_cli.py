@@ -173,8 +173,24 @@ def test_usage_prints_a_table_with_exact_totals(env) -> None:  # type: ignore[no
 def test_nodes_and_node_drain(env) -> None:  # type: ignore[no-untyped-def]
     out = run(env, "nodes")
     assert "orion-1" in out.output and "4xH100-80GB" in out.output
-    drained = run(env, "node", "drain", "orion-1", "--reason", "maintenance", token=env["ADMIN"])
+    drained = run(
+        env,
+        "node",
+        "drain",
+        "orion-1",
+        "--reason",
+        "maintenance",
+        "--notice",
+        "2m",
+        token=env["ADMIN"],
+    )
     assert drained.output.strip() == "node orion-1: draining"
+    bad = run(env, "node", "drain", "orion-1", "--notice", "soon", token=env["ADMIN"])
+    assert bad.exit_code == 2 and "'soon' is not a duration (try 90s, 10m or 1h)" in bad.output
+    wrong = run(env, "node", "cordon", "orion-1", "--notice", "5m", token=env["ADMIN"])
+    assert wrong.exit_code == 2 and "apply to drain only" in wrong.output
+    ready = run(env, "node", "uncordon", "orion-1", token=env["ADMIN"])
+    assert ready.output.strip() == "node orion-1: ready"
 
 
 def test_an_unreachable_server_gives_one_readable_line(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Periods are minutes here (``ANDROMEDA_PERIOD=minute``), so that a job can cross 
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -43,6 +44,9 @@ def stack(request, tmp_path_factory) -> Iterator[dict[str, object]]:  # type: ig
     if request.param == "postgres":
         url, schema = _pg_schema_url(tmp_path_factory)
     local = LocalStack(tmp_path_factory.mktemp(f"attr-{request.param}"), say=lambda _m: None)
+    # Preempt at once: the test cannot wait out the default 10-minute minimum runtime.
+    policy = tmp_path_factory.mktemp("policy") / "policy.json"
+    policy.write_text(json.dumps({"min_runtime_s": 0, "preempt_gain_factor": 0}))
     try:
         url = url if schema else f"sqlite:///{local.data_dir / 'andromeda.db'}"
         local.start(
@@ -50,7 +54,11 @@ def stack(request, tmp_path_factory) -> Iterator[dict[str, object]]:  # type: ig
             heartbeat_interval_s=1,
             node_lost_after_s=20,
             report_interval_s=1,
-            extra_env={"ANDROMEDA_PERIOD": "minute", "ANDROMEDA_LEDGER_TICK_S": "2"},
+            extra_env={
+                "ANDROMEDA_PERIOD": "minute",
+                "ANDROMEDA_LEDGER_TICK_S": "2",
+                "ANDROMEDA_POLICY_CONFIG": str(policy),
+            },
         )
         for provider, level, site, node in (
             ("orion", "reserved", "orion-a", "a1"),
@@ -112,7 +120,8 @@ def test_gpu_seconds_become_approved_statements_with_late_events_as_adjustments(
     sweep = _submit(eng, "sweep", CHECKPOINTED, priority="low")
     _wait(eng, sweep, {"running"})
     time.sleep(3)  # it checkpoints a step a second
-    urgent = _submit(eng, "urgent", "sleep 4", priority="critical", preemptible=False)
+    # Critical work may use spot capacity when it is preemptible and checkpoints.
+    urgent = _submit(eng, "urgent", "sleep 4", priority="critical", checkpoint="s3://ckpt/u")
     for job_id in (crossing, urgent, sweep):
         done = _wait(eng, job_id, {"completed", "failed", "cancelled"})
         assert done["status"] == "completed", done

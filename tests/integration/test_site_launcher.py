@@ -120,8 +120,10 @@ def test_stop_kills_the_workers_and_their_children_and_frees_the_gpus(
         time.sleep(0.1)
     pid = int(pidfile.read_text())
     assert ray.available_resources().get("GPU", 0) <= total - 4
-    stopped = launcher.stop(a.allocation_id, grace_s=2)
-    assert stopped is not None and stopped.kind == "stopped"
+    assert launcher.stop(a.allocation_id, grace_s=2) is None  # returns at once
+    assert a.allocation_id in launcher.active()  # its GPUs are held while it stops
+    stopped = _until(launcher, a.allocation_id, {"stopped"})
+    assert stopped.kind == "stopped"
     assert a.allocation_id not in launcher.active()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -130,6 +132,41 @@ def test_stop_kills_the_workers_and_their_children_and_frees_the_gpus(
         time.sleep(0.2)
     assert not _alive(pid), "the entrypoint's child survived stop()"
     assert ray.available_resources().get("GPU", 0) == total
+
+
+GRACEFUL = textwrap.dedent(
+    """
+    trap 'source "$ANDROMEDA_PREEMPT_DEADLINE_FILE"; echo "deadline=$ANDROMEDA_PREEMPT_DEADLINE";
+          echo saved > "$ANDROMEDA_CHECKPOINT_MARKER"; echo "checkpointed at SIGTERM"; exit 0' TERM
+    touch "$ANDROMEDA_CHECKPOINT_MARKER"
+    echo running
+    while true; do sleep 0.2; done
+    """
+)
+
+
+def test_a_graceful_stop_gives_the_deadline_before_sigterm_and_reports_checkpoints(
+    launcher: SiteLauncher,
+) -> None:
+    a = _assignment(GRACEFUL, ["ray-a", "ray-b"])
+    launcher.start(a, package=None)
+    _until(launcher, a.allocation_id, {"started"})
+    checkpoints: dict[int, object] = {}
+    deadline = time.monotonic() + 30
+    while a.allocation_id not in checkpoints and time.monotonic() < deadline:
+        checkpoints.update(launcher.checkpoints())
+        time.sleep(0.2)
+    assert a.allocation_id in checkpoints, "rank 0's checkpoint marker was not reported"
+    before = time.time()
+    assert launcher.stop(a.allocation_id, grace_s=20) is None
+    stopped = _until(launcher, a.allocation_id, {"stopped"}, timeout=60)
+    # the workers exited on their own well within the grace: nobody waited it out
+    assert time.time() - before < 15
+    for rank in (0, 1):
+        out = stopped.logs[rank]
+        assert "checkpointed at SIGTERM" in out, out
+        told = int(out.split("deadline=")[1].split()[0])
+        assert before + 19 <= told <= time.time() + 21
 
 
 def _alive(pid: int) -> bool:

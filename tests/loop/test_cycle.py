@@ -214,22 +214,47 @@ def test_a_critical_job_preempts_low_priority_spot_work_which_is_requeued(
     scheduler.run_cycle()
     sites.start_all()
     assert sites.nodes_of(low) == {"vega-1"}
-    clock.advance(30)
+    clock.advance(60)
     _heartbeat_all(session_of, clock, sites)
+    # Critical work may use spot capacity when it is preemptible and checkpoints.
     urgent = _job(
-        session_of, clock, name="urgent", gpus_per_worker=4, priority=PriorityClass.critical
+        session_of,
+        clock,
+        name="urgent",
+        gpus_per_worker=4,
+        priority=PriorityClass.critical,
+        checkpoint="s3://ckpt/urgent",
     )
     report = scheduler.run_cycle()
-    assert report.preempted == [low] and report.started == [urgent]
-    assert _status(session_of, low).status == JobStatus.pending
-    assert "preempted by job" in (_status(session_of, low).pending_reason or "")
+    # Within its minimum runtime (10 min) the low job is not preempted: urgent reserves.
+    assert report.preempted == [] and report.started == []
+    assert "expected to start by" in (_status(session_of, urgent).pending_reason or "")
+    clock.advance(600)
+    _heartbeat_all(session_of, clock, sites)
+    report = scheduler.run_cycle()
+    # Now it is asked to stop with a grace period; it keeps its GPUs meanwhile.
+    assert report.preempted == [low] and report.started == []
+    assert "preempting job" in (_status(session_of, urgent).pending_reason or "")
+    assert _status(session_of, low).status == JobStatus.running
+    (stop,) = [a for _, a in sites.all_assigned().values() if a.job_id == low]
+    assert stop.action == "stop" and stop.stop_reason == EndReason.preempted
+    assert stop.stop_deadline_at == clock.now + timedelta(seconds=30)
+    report = scheduler.run_cycle()  # a second cycle preempts nothing more
+    assert report.preempted == [] and report.started == []
+    assert "waiting for preempted job" in (_status(session_of, urgent).pending_reason or "")
+    clock.advance(20)
+    sites.carry_out_stops()  # the workers checkpointed and exited within the grace
+    low_status = _status(session_of, low)
+    assert low_status.status == JobStatus.pending
+    assert f"preempted by job {urgent}" in (low_status.pending_reason or "")
+    report = scheduler.run_cycle()
+    assert report.started == [urgent]
     assert all(_status(session_of, j).status == JobStatus.running for j in fill)
-    actions = {a.job_id: a.action for _, a in sites.all_assigned().values()}
-    assert actions[low] == "stop" and actions[urgent] == "run"
     with session_of() as s:
         ended = s.exec(select(Allocation).where(Allocation.job_id == low)).one()
         assert ended.end_reason == EndReason.preempted
-        assert sum(r.gpu_seconds for r in s.exec(select(UsageInterval))) == 4 * 30
+        # billed while it held the GPUs: from running to stopped, the grace included
+        assert sum(r.gpu_seconds for r in s.exec(select(UsageInterval))) == 4 * 680
 
 
 def test_a_silent_node_is_marked_lost_its_job_requeued_and_billed_to_its_last_heartbeat(
@@ -450,7 +475,7 @@ def test_drained_and_cordoned_nodes_take_no_new_work(
         for n in s.exec(select(Node).where(col(Node.name).in_(["orion-1", "orion-2"]))):
             n.status = NodeStatus.draining if n.name == "orion-1" else NodeStatus.cordoned
             s.add(n)
-    job_id = _job(session_of, clock, gpus_per_worker=4, priority=PriorityClass.high)
+    job_id = _job(session_of, clock, gpus_per_worker=4, priority=PriorityClass.normal)
     scheduler.run_cycle()
     assert sites.nodes_of(job_id) == {"vega-1"}
 
@@ -481,7 +506,7 @@ def test_a_site_whose_agent_went_silent_takes_no_new_work(
         orion = s.exec(select(Site).where(Site.name == "orion")).one()
         orion.last_seen_at = clock.now - timedelta(seconds=40)
         s.add(orion)
-    job_id = _job(session_of, clock, gpus_per_worker=4, priority=PriorityClass.high)
+    job_id = _job(session_of, clock, gpus_per_worker=4, priority=PriorityClass.normal)
     scheduler.run_cycle()
     assert sites.nodes_of(job_id) == {"vega-1"}
 
@@ -626,3 +651,65 @@ def test_every_change_wakes_the_sites_it_concerns(engine, fleet, session_of, clo
         nebula = s.exec(select(Site).where(Site.name == "nebula")).one().id
         alloc = s.exec(select(Allocation).where(Allocation.job_id == job_id)).one()
     assert woken == [{nebula}] and alloc.site_version >= 1
+
+
+def test_a_drained_node_gives_its_work_notice_then_the_job_moves(
+    scheduler, fleet, sites, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    from scheduler.services.nodes import set_node_status
+
+    job_id = _job(session_of, clock, gpus_per_worker=4, priority=PriorityClass.high)
+    scheduler.run_cycle()
+    sites.start_all()
+    (node,) = sites.nodes_of(job_id)
+    first = sites.alloc_of(job_id)
+    clock.advance(100)
+    _heartbeat_all(session_of, clock, sites)
+    with session_of() as s:
+        row = s.exec(select(Node).where(Node.name == node)).one()
+        _, moved = set_node_status(
+            s, node=row, status=NodeStatus.draining, reason="rack swap", notice_s=120, now=clock.now
+        )
+        s.commit()
+    assert moved == [job_id]
+    (stop,) = [a for _, a in sites.all_assigned().values() if a.job_id == job_id]
+    assert stop.action == "stop" and stop.stop_reason == EndReason.provider_reclaim
+    assert stop.stop_deadline_at == clock.now + timedelta(seconds=120)
+    report = scheduler.run_cycle()
+    assert report.started == [] and _status(session_of, job_id).status == JobStatus.running
+    clock.advance(20)  # it checkpointed and exited within the notice
+    _heartbeat_all(session_of, clock, sites)
+    sites.carry_out_stops()
+    assert "provider reclaimed its node" in (_status(session_of, job_id).pending_reason or "")
+    report = scheduler.run_cycle()
+    assert report.started == [job_id] and sites.nodes_of(job_id) != {node}
+    with session_of() as s:
+        ended = s.get(Allocation, first)
+        assert ended is not None and ended.end_reason == EndReason.provider_reclaim
+        rows = s.exec(select(UsageInterval).where(UsageInterval.allocation_id == first)).all()
+        assert sum(r.gpu_seconds for r in rows) == 4 * 120  # billed until it stopped
+
+
+def test_work_on_an_agreement_about_to_end_is_moved_and_no_new_work_goes_there(
+    scheduler, fleet, sites, session_of, clock
+) -> None:  # type: ignore[no-untyped-def]
+    from scheduler.db.models import Agreement
+
+    job_id = _job(session_of, clock, gpus_per_worker=4, priority=PriorityClass.high)
+    scheduler.run_cycle()
+    sites.start_all()
+    (node,) = sites.nodes_of(job_id)
+    assert node.startswith("orion")
+    with session_of() as s:  # orion's agreement ends in 200 s; its notice is 300 s
+        agreement = s.exec(select(Agreement).where(Agreement.provider_id == fleet["orion"])).one()
+        agreement.ends_at = clock.now + timedelta(seconds=200)
+        s.add(agreement)
+        s.commit()
+    report = scheduler.run_cycle()
+    assert report.reclaimed == [job_id]
+    (stop,) = [a for _, a in sites.all_assigned().values() if a.job_id == job_id]
+    assert stop.action == "stop" and stop.stop_reason == EndReason.provider_reclaim
+    assert stop.stop_deadline_at == clock.now + timedelta(seconds=200)
+    other = _job(session_of, clock, name="new", gpus_per_worker=4, priority=PriorityClass.normal)
+    scheduler.run_cycle()
+    assert not sites.nodes_of(other) & {"orion-1", "orion-2"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from scheduler.policy import (
     JobRequest,
     NodeView,
     Placement,
+    ProviderState,
     RunningAllocation,
     WorkerPlacement,
     fifo_schedule,
@@ -76,23 +78,34 @@ def test_gangs_share_nodes_and_run_side_by_side() -> None:
     assert result.utilisation == pytest.approx(1.0)
 
 
-def test_preemption_requeues_and_counts_lost_work() -> None:
-    low = tj(0, 0, 1000, prio=1)
-    high = tj(1, 30, 100, prio=100, preemptible=False)
+def test_preemption_with_grace_requeues_and_counts_lost_work() -> None:
+    low = tj(0, 0, 5000, prio=1)
+    high = tj(1, 700, 100, prio=100, preemptible=False)
     result = replay([low, high], ONE_NODE, schedule, cycle_s=60)
-    # high preempts low at 60 and runs 60..160; low restarts at 180 and ends at 1180.
-    assert by_id(result) == {0: (120, 1180, 1), 1: (30, 130, 0)}
+    # At 720 low has run its minimum runtime (600 s): high preempts it with a 30 s grace;
+    # low stops at 750, high starts at the next cycle (780) and ends at 880; low restarts
+    # from scratch (no checkpoint) at 900 and ends at 5900.
+    assert by_id(result) == {0: (150, 5900, 1), 1: (80, 180, 0)}
     assert result.preemptions == 1
-    assert result.lost_gpu_s == 60 * 8
+    assert result.lost_gpu_s == 750 * 8
     assert result.busy_gpu_s == result.useful_gpu_s + result.lost_gpu_s
     assert result.useful_gpu_s == low.gpu_seconds + high.gpu_seconds
 
 
+def test_a_checkpointing_victim_resumes_from_its_last_checkpoint() -> None:
+    low = replace(tj(0, 0, 5000, prio=1), checkpoint_s=300)
+    high = tj(1, 700, 100, prio=100, preemptible=False)
+    result = replay([low, high], ONE_NODE, schedule, cycle_s=60)
+    # Stopped at 750 s of run, it keeps the 600 s up to its last checkpoint: 4400 s remain.
+    assert by_id(result) == {0: (150, 5300, 1), 1: (80, 180, 0)}
+    assert result.lost_gpu_s == (750 - 600) * 8
+
+
 def test_fifo_makes_the_high_priority_job_wait() -> None:
-    low = tj(0, 0, 1000, prio=1)
-    high = tj(1, 30, 100, prio=100, preemptible=False)
+    low = tj(0, 0, 5000, prio=1)
+    high = tj(1, 700, 100, prio=100, preemptible=False)
     result = replay([low, high], ONE_NODE, fifo_schedule, cycle_s=60)
-    assert by_id(result) == {0: (0, 1000, 0), 1: (990, 1090, 0)}
+    assert by_id(result) == {0: (0, 5000, 0), 1: (4340, 4440, 0)}
 
 
 def test_priority_order_at_a_contended_cycle() -> None:
@@ -122,11 +135,12 @@ def test_invalid_decision_is_rejected() -> None:
         running: Sequence[RunningAllocation],
         *,
         now_s: int,
+        providers: Sequence[ProviderState] = (),
     ) -> Decision:
         workers = tuple(WorkerPlacement(0, 1, (0,)) for _ in range(1))
         return Decision([Placement(j.job_id, 1, workers) for j in queue], {})
 
-    with pytest.raises(InvalidDecision, match="GPU 0 on 1 not free"):
+    with pytest.raises(InvalidDecision, match="GPU 0 of node .* used twice"):
         replay([tj(0, 0, 100, gpus=1), tj(1, 0, 100, gpus=1)], ONE_NODE, bad_policy)
 
 
@@ -169,11 +183,11 @@ def test_philly_replay_conserves_work(policy: object) -> None:
 
 
 def test_utilisation_while_waiting_with_preemption() -> None:
-    low = tj(0, 0, 1000, prio=1)
-    high = tj(1, 30, 100, prio=100, preemptible=False)
+    low = tj(0, 0, 5000, prio=1)
+    high = tj(1, 700, 100, prio=100, preemptible=False)
     result = replay([low, high], ONE_NODE, schedule, cycle_s=60)
-    # The queue only changes at cycles: high joins at 60 and starts at once; low is requeued
-    # at 60 and waits until 180, while high holds the GPUs over 60..160.
-    assert result.contended_capacity_gpu_s == 8 * 120
-    assert result.contended_busy_gpu_s == 8 * 100
+    # The queue is non-empty over 720..900 (high 720..780, low requeued 750..900); the GPUs
+    # are held over 720..750 (low's grace) and 780..880 (high).
+    assert result.contended_capacity_gpu_s == 8 * 180
+    assert result.contended_busy_gpu_s == 8 * 130
     assert 0 <= result.utilisation_while_waiting <= 1

@@ -92,9 +92,19 @@ def set_status(
     changes: ChangesDep,
     tasks: BackgroundTasks,
 ) -> NodePublic:
-    """Drain (no new work; running work finishes), cordon, or make ready again."""
+    """Drain (no new work; running work gets the reclaim notice to checkpoint, then moves
+    elsewhere, or finishes where it is with ``let_finish``), cordon, or make ready again."""
     node = svc.get_node(session, name=name)
     who.require_provider(node.provider_id)
-    svc.set_node_status(session, node=node, status=body.status, reason=body.reason)
+    _, moved = svc.set_node_status(
+        session,
+        node=node,
+        status=body.status,
+        reason=body.reason,
+        notice_s=body.notice_s,
+        let_finish=body.let_finish,
+    )
+    if moved:
+        tasks.add_task(changes.sites, [node.site_id])
     tasks.add_task(changes.schedule)
     return _public(session, node)
