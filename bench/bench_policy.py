@@ -98,6 +98,7 @@ def quality_rows(summaries: dict[str, dict]) -> list[list[str]]:  # type: ignore
             row(f"p99 wait {cls} (min)", lambda s, c=cls: s["classes"][c]["wait_s"]["p99"] / 60)
         )
     rows.append(row("mean wait critical+high (min)", _hi_wait))
+    rows.append(row("mean wait all (min)", _all_wait))
     for cls in ("critical", "high"):
         rows.append(
             row(f"mean JCT {cls} (h)", lambda s, c=cls: s["classes"][c]["jct_s"]["mean"] / 3600)
@@ -105,6 +106,9 @@ def quality_rows(summaries: dict[str, dict]) -> list[list[str]]:  # type: ignore
     rows.append(row("makespan (h)", lambda s: s["makespan_s"] / 3600))
     rows.append(row("GPU utilisation (%)", lambda s: 100 * s["utilisation"]))
     rows.append(row("  useful (%)", lambda s: 100 * s["useful_utilisation"]))
+    rows.append(
+        row("GPU util. while jobs waited (%)", lambda s: 100 * s["utilisation_while_waiting"])
+    )
     rows.append(row("preemptions", lambda s: s["preemptions"]))
     rows.append(row("GPU-hours lost", lambda s: s["gpu_hours_lost"]))
     rows.append(row("  lost / delivered (%)", lambda s: 100 * s["lost_fraction"]))
@@ -119,6 +123,14 @@ def quality_rows(summaries: dict[str, dict]) -> list[list[str]]:  # type: ignore
     rows.append(row("fulfilment gap (pts)", lambda s: 100 * s["fulfilment_gap"]))
     rows.append(row("unfinished jobs", lambda s: s["unfinished"]))
     return rows
+
+
+def _all_wait(s: dict) -> float:  # type: ignore[type-arg]
+    total = n = 0.0
+    for c in s["classes"].values():
+        total += c["wait_s"]["mean"] * c["jobs"]
+        n += c["jobs"]
+    return total / n / 60 if n else 0.0
 
 
 def _hi_wait(s: dict) -> float:  # type: ignore[type-arg]

@@ -49,6 +49,13 @@ def server(host: str | None, port: int | None, no_scheduler: bool, log_level: st
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.policy_config is not None:  # refused before anything starts, in a sentence
+        from scheduler.policy import PolicyConfig, PolicyConfigError
+
+        try:
+            PolicyConfig.from_file(settings.policy_config)
+        except PolicyConfigError as exc:
+            raise click.ClickException(f"ANDROMEDA_POLICY_CONFIG: {exc}") from None
     upgrade(settings.database_url)
     app = create_app(settings)
     logging.getLogger("scheduler").info(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 
@@ -36,6 +37,31 @@ def _default_name() -> str:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def _insecure_flag(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    ctx.meta["andromeda_insecure"] = value
+    return value
+
+
+def _checked_server(ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The agents send a provider token with every request: never in clear text over a
+    network, unless the operator says so (``--insecure``)."""
+    url = urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise click.BadParameter(f"{value!r} is not an http(s) URL", param_hint="--server")
+    host = url.hostname
+    loopback = host in _LOOPBACK or host.startswith("127.")
+    if url.scheme == "http" and not loopback and not ctx.meta.get("andromeda_insecure"):
+        raise click.BadParameter(
+            f"refusing to send the provider token over plain HTTP to {host}: use https:// "
+            "(docs/OPERATIONS.md shows TLS), or pass --insecure on a network you trust",
+            param_hint="--server",
+        )
+    return value
+
+
 def _server_and_token(func: F) -> F:
     func = click.option(
         "--token",
@@ -44,12 +70,23 @@ def _server_and_token(func: F) -> F:
         show_envvar=True,
         help="A provider token (andromeda token create --role provider --provider NAME).",
     )(func)
+    func = click.option(
+        "--insecure",
+        is_flag=True,
+        is_eager=True,
+        expose_value=False,
+        callback=_insecure_flag,
+        help="Allow a plain-HTTP --server that is not on this host (the token travels in "
+        "clear text).",
+    )(func)
     return click.option(
         "--server",
         envvar="ANDROMEDA_SERVER",
         required=True,
         show_envvar=True,
-        help="Control-plane URL, e.g. https://andromeda.example:8700.",
+        callback=_checked_server,
+        help="Control-plane URL, e.g. https://andromeda.example:8700 (plain http only to "
+        "this host, or with --insecure).",
     )(func)
 
 

@@ -6,7 +6,8 @@ deployment overrides it with a YAML (or JSON) file (``ANDROMEDA_POLICY_CONFIG``,
 values are refused with a sentence that says which and why.
 
 Commitment steering (``steering``): for each priority class, the commitment levels its
-work may use, most preferred first. A level that is not listed is never used. With
+work may use, most preferred first (a nested list groups equally good levels: fairness to
+providers decides between them). A level that is not listed is never used. With
 ``spot_needs_checkpointing`` a job goes to spot capacity only when it is preemptible and
 checkpoints (the provider may take spot capacity back at any time). The default mapping:
 
@@ -60,10 +61,23 @@ class PolicyConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Steering:
-    """Where one priority class's work may run, most preferred level first."""
+    """Where one priority class's work may run, most preferred level first. ``tiers`` gives
+    each level's preference (equal values: equally good, so fairness to providers decides
+    between them); None: 0, 1, 2, ... in order."""
 
     levels: tuple[CommitmentLevel, ...]
     spot_needs_checkpointing: bool = False
+    tiers: tuple[int, ...] | None = None
+
+    def tier(self, index: int) -> int:
+        return index if self.tiers is None else self.tiers[index]
+
+    def grouped(self) -> list[list[CommitmentLevel]]:
+        """The levels as preference groups, most preferred first."""
+        groups: dict[int, list[CommitmentLevel]] = {}
+        for i, level in enumerate(self.levels):
+            groups.setdefault(self.tier(i), []).append(level)
+        return [groups[t] for t in sorted(groups)]
 
 
 DEFAULT_STEERING: Mapping[PriorityClass, Steering] = {
@@ -115,7 +129,10 @@ class PolicyConfig:
             if f.name == "steering":
                 value = {
                     cls.value: {
-                        "levels": [lv.value for lv in st.levels],
+                        "levels": [
+                            g[0].value if len(g) == 1 else [lv.value for lv in g]
+                            for g in st.grouped()
+                        ],
                         "spot_needs_checkpointing": st.spot_needs_checkpointing,
                     }
                     for cls, st in value.items()
@@ -166,13 +183,15 @@ class PolicyConfig:
     @classmethod
     def from_file(cls, path: Path) -> PolicyConfig:
         """Load a YAML or JSON file (by suffix; YAML is a superset of JSON anyway)."""
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+        import yaml
 
-            data = yaml.safe_load(text) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
+        except OSError as exc:
+            raise PolicyConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+        except (ValueError, yaml.YAMLError) as exc:
+            raise PolicyConfigError(f"{path}: not valid YAML or JSON ({exc})") from None
         try:
             return cls.from_mapping(data)
         except PolicyConfigError as exc:
@@ -195,15 +214,21 @@ def _steering(value: Any) -> Mapping[PriorityClass, Steering]:
             entry = {"levels": entry}
         if not isinstance(entry, Mapping) or "levels" not in entry:
             raise PolicyConfigError(f"steering.{name} needs levels: a list of commitment levels")
-        levels = []
-        for level in entry["levels"]:
-            try:
-                levels.append(CommitmentLevel(level))
-            except ValueError:
-                choices = ", ".join(lv.value for lv in CommitmentLevel)
-                raise PolicyConfigError(
-                    f"steering.{name}: unknown commitment level {level!r} ({choices})"
-                ) from None
+        levels: list[CommitmentLevel] = []
+        tiers: list[int] = []
+        if not isinstance(entry["levels"], list):
+            raise PolicyConfigError(f"steering.{name}.levels must be a list")
+        for tier, group in enumerate(entry["levels"]):
+            # a nested list is a group of equally good levels (fairness decides among them)
+            for level in group if isinstance(group, list) else [group]:
+                try:
+                    levels.append(CommitmentLevel(level))
+                except ValueError:
+                    choices = ", ".join(lv.value for lv in CommitmentLevel)
+                    raise PolicyConfigError(
+                        f"steering.{name}: unknown commitment level {level!r} ({choices})"
+                    ) from None
+                tiers.append(tier)
         if not levels or len(set(levels)) != len(levels):
             raise PolicyConfigError(f"steering.{name}.levels must list distinct levels, >= 1")
         extra = sorted(set(entry) - {"levels", "spot_needs_checkpointing"})
@@ -212,7 +237,8 @@ def _steering(value: Any) -> Mapping[PriorityClass, Steering]:
         spot_ck = entry.get("spot_needs_checkpointing", False)
         if not isinstance(spot_ck, bool):
             raise PolicyConfigError(f"steering.{name}.spot_needs_checkpointing must be true/false")
-        out[cls] = Steering(tuple(levels), spot_ck)
+        flat = tiers == list(range(len(levels)))
+        out[cls] = Steering(tuple(levels), spot_ck, None if flat else tuple(tiers))
     return out
 
 

@@ -42,10 +42,12 @@ def allowed_levels(job: JobRequest, config: PolicyConfig) -> tuple[CommitmentLev
 def level_preference(job: JobRequest, config: PolicyConfig) -> tuple[int | None, ...]:
     """Indexed by ``CommitmentLevel.rank``: the job's preference for that level (0 best), or
     None where it may not run."""
-    order = allowed_levels(job, config)
+    allowed = set(allowed_levels(job, config))
+    steering = config.steering[class_of(job.priority)]
     prefs: list[int | None] = [None] * len(CommitmentLevel)
-    for i, level in enumerate(order):
-        prefs[level.rank] = i
+    for i, level in enumerate(steering.levels):
+        if level in allowed:
+            prefs[level.rank] = steering.tier(i)
     return tuple(prefs)
 
 

@@ -79,3 +79,40 @@ def test_an_agent_with_an_unknown_token_fails_with_a_readable_error(server, toke
     result = _agent(server, "andr_wrong", "--simulate", "1xH100-80GB", "--name", "n1")
     assert result.exit_code == 1
     assert "HTTP 401: unknown or revoked token" in result.output
+
+
+@pytest.mark.parametrize("command", ["agent", "site-agent"])
+def test_agents_refuse_to_send_their_token_over_plain_http_to_another_host(command: str) -> None:
+    args = ["--server", "http://10.20.30.40:8700", "--token", "t"]
+    extra = ["--name", "n1", "--simulate", "1xH100-80GB", "--once"]
+    if command == "site-agent":
+        extra = ["--site", "s", "--ray-address", "127.0.0.1:1", "--ray-token-file", "/dev/null"]
+    out = CliRunner().invoke(cli, [command, *args, *extra])
+    assert out.exit_code == 2
+    assert "refusing to send the provider token over plain HTTP to 10.20.30.40" in out.output
+    assert "--insecure" in out.output
+    bad = CliRunner().invoke(cli, [command, "--server", "ftp://x", "--token", "t", *extra])
+    assert bad.exit_code == 2 and "'ftp://x' is not an http(s) URL" in bad.output
+
+
+def test_plain_http_to_this_host_or_with_insecure_is_allowed(server, tokens) -> None:  # type: ignore[no-untyped-def]
+    assert server.url.startswith("http://127.0.0.1")
+    out = _agent(server, tokens["orion"], "--name", "local-1", "--simulate", "1xH100-80GB")
+    assert out.exit_code == 0, out.output
+    insecure = CliRunner().invoke(
+        cli,
+        [
+            "agent",
+            "--insecure",
+            "--server",
+            server.url,
+            "--token",
+            tokens["orion"],
+            "--once",
+            "--name",
+            "local-2",
+            "--simulate",
+            "1xH100-80GB",
+        ],
+    )
+    assert insecure.exit_code == 0, insecure.output

@@ -228,3 +228,19 @@ def test_times_parse_in_every_documented_form() -> None:
     assert fmt_time(datetime(2026, 11, 1, 1, 2, 3, 999, tzinfo=UTC)) == "2026-11-01T01:02:03Z"
     with pytest.raises(ValueError, match="not a time"):
         parse_when("soon")
+
+
+def test_the_server_refuses_a_bad_policy_config_in_a_sentence(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("min_runtime: 5\n")
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'cp.db'}", "ANDROMEDA_POLICY_CONFIG": str(bad)}
+    out = CliRunner().invoke(cli, ["server", "--port", "1"], env=env)
+    assert out.exit_code == 1
+    assert (
+        "ANDROMEDA_POLICY_CONFIG" in out.output
+        and "unknown policy setting min_runtime" in out.output
+    )
+    assert "Traceback" not in out.output
+    env["ANDROMEDA_POLICY_CONFIG"] = str(tmp_path / "missing.yaml")
+    missing = CliRunner().invoke(cli, ["server", "--port", "1"], env=env)
+    assert missing.exit_code == 1 and "cannot read it" in missing.output

@@ -148,6 +148,14 @@ RULES = [
         config=replace(DEFAULT_CONFIG, fairness=False),
         placed_on={1: {1}},
     ),
+    Rule(
+        "levels grouped as equals in the steering: fairness decides between them",
+        nodes=[node(1, provider=1, level=R), node(2, provider=2, level=C)],
+        queue=[ck_job(1)],
+        providers=[ProviderState(1, 1000, 1000), ProviderState(2, 1000, 0)],
+        config=PolicyConfig.from_mapping({"steering": {"normal": [["reserved", "committed"]]}}),
+        placed_on={1: {2}},
+    ),
     # --- backfill with reservations ------------------------------------------------------------
     Rule(
         "the head that does not fit gets a reservation from the running jobs' ends",
@@ -405,6 +413,9 @@ def test_config_round_trips_through_a_file(tmp_path: Path) -> None:
     yaml_path.write_text("steering:\n  low: [spot, committed]\npreempt_grace_s: 90\n")
     loaded = PolicyConfig.from_file(yaml_path)
     assert loaded.preempt_grace_s == 90
+    tied = PolicyConfig.from_mapping({"steering": {"normal": [["reserved", "committed"], "spot"]}})
+    assert tied.to_dict()["steering"]["normal"]["levels"] == [["reserved", "committed"], "spot"]
+    assert PolicyConfig.from_mapping(tied.to_dict()) == tied
     assert [lv.value for lv in loaded.steering[next(iter(loaded.steering))].levels]
 
 
