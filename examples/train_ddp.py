@@ -13,6 +13,7 @@ really trained.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -63,6 +64,12 @@ def train_torch(rank: int, world: int, steps: int) -> tuple[float, float]:
     gathered = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(gathered, checksum)
     spread = max(float(g) for g in gathered) - min(float(g) for g in gathered)
+    # Shut down in step: every rank reaches the barrier, drops DDP (its reducer holds gloo
+    # work) and then destroys the group. A rank that tears down while a peer's gloo thread
+    # still talks to it can abort at exit ("terminate called without an active exception").
+    dist.barrier()
+    del ddp, opt
+    gc.collect()
     dist.destroy_process_group()
     if spread > 1e-4:
         raise SystemExit(f"replicas diverged (weight checksum spread {spread})")
