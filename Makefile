@@ -45,6 +45,10 @@ bench: install
 	$(BIN)/python bench/bench_sites.py
 	$(BIN)/python bench/bench_heartbeat.py
 	$(BIN)/python bench/bench_statements.py
+	$(BIN)/python bench/bench_agent.py
+	$(BIN)/python bench/bench_spool.py
+	$(BIN)/python bench/bench_cycle.py
+	$(BIN)/python bench/bench_fleet.py
 
 lint: install
 	$(BIN)/ruff check scheduler agents tests bench examples

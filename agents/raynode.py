@@ -3,13 +3,27 @@
 The agent runs ``ray start --block`` as a child in its own process group, with the labels
 the control plane returned at registration, this host's GPU count as Ray's ``GPU``
 resource, and Ray's token authentication on (``RAY_AUTH_MODE=token``, the site's token in
-a file only the agent's user can read). Nothing here imports ``ray``: the node is a
-separate process, as it is on a real provider host, and whether it has joined the
-cluster is read from Ray itself by the site's agent (``ray.nodes()``), not from its output.
+a file only the agent's user can read). The node is a separate process, as it is on a
+real provider host, and whether it has joined the cluster is read from Ray itself by the
+site's agent (``ray.nodes()``), not from its output.
 
 The process id is kept in ``pid_file``: an agent that restarts (after a crash, an upgrade)
 adopts the Ray node still running instead of starting a second one, so the work on it
 goes on undisturbed.
+
+Whether the node is up is asked of Ray too, not only of the process table (``GcsProbe``):
+the site's GCS keeps the table of nodes that Ray's own scheduler places work by, and says
+which are alive (it health-checks every raylet). A ``ray start --block`` still running
+whose node the GCS has declared dead (a raylet that hung or was cut off and fenced) serves
+nothing, and is restarted. Of the ways Ray offers to ask, this is the cheapest robust one:
+one small RPC to the GCS (``check_alive`` for the node id, found once by the node's
+``andromeda.io/node`` label) from a thread of the agent, where ``ray health-check`` would
+start a Python process importing Ray every time and only say that the GCS answers, and the
+raylet's HTTP health endpoint needs Ray's dashboard packages, which the agent does not
+install. The probe imports ``ray._raylet`` (the GCS client Ray's own CLI uses) lazily in
+that thread; if that import fails (a Ray without it), the agent falls back to the process
+table and says so once. A GCS that does not answer says nothing either way: a worker's
+head may be restarting, and restarting this node would not help.
 """
 
 from __future__ import annotations
@@ -20,9 +34,12 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from scheduler.domain.labels import NODE_LABEL
 from scheduler.processes import stop_via_leader
 
 log = logging.getLogger(__name__)
@@ -57,9 +74,65 @@ def token_env(token_file: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
 
 
+class GcsProbe:
+    """Asks the site's GCS whether the Ray node labelled ``andromeda.io/node=node_name``
+    is alive (module docstring). ``check()``: True alive, False the GCS has no live node of
+    that name, None no answer (the GCS is unreachable, or Ray's client is unavailable)."""
+
+    _ALIVE = 0  # GcsNodeInfo.GcsNodeState.ALIVE
+
+    def __init__(self, gcs_address: str, node_name: str, *, timeout_s: float = 5.0) -> None:
+        self.gcs_address = gcs_address
+        self.node_name = node_name
+        self.timeout_s = timeout_s
+        self.unavailable: str | None = None  # why Ray's client cannot be used here
+        self._client: Any = None
+        self._node_id: Any = None
+
+    def check(self) -> bool | None:
+        if self.unavailable is not None:
+            return None
+        try:
+            if self._client is None:
+                # Imported here, in the probe's thread: nothing else in the agent needs Ray.
+                from ray._raylet import GcsClient  # type: ignore[attr-defined]
+
+                self._client = GcsClient(address=self.gcs_address)
+            if self._node_id is not None:
+                (alive,) = self._client.check_alive([self._node_id], timeout=self.timeout_s)
+                if alive:
+                    return True
+                self._node_id = None  # dead; a restarted node has a new id
+                return False
+            self._node_id = self._find()
+            return self._node_id is not None
+        except (ImportError, AttributeError, TypeError) as exc:
+            self.unavailable = f"Ray's GCS client is not usable here ({exc})"
+            log.warning("%s: the Ray node is watched through its process only", self.unavailable)
+            return None
+        except Exception as exc:  # the GCS did not answer (ray.exceptions.RpcError)
+            log.debug("the GCS at %s did not answer: %s", self.gcs_address, exc)
+            self._client = None  # reconnect next time: the head may have restarted
+            return None
+
+    def _find(self) -> Any:
+        """The id of the newest live node with our label, or None."""
+        nodes = self._client.get_all_node_info(timeout=self.timeout_s)
+        ours = [
+            (info.start_time_ms, node_id)
+            for node_id, info in nodes.items()
+            if info.state == self._ALIVE and info.labels.get(NODE_LABEL) == self.node_name
+        ]
+        return max(ours, key=lambda o: o[0])[1] if ours else None
+
+
 class RayNode:
     """One ``ray start --block`` process: a worker joining ``address``, or a head when
-    ``address`` is None."""
+    ``address`` is None.
+
+    With ``probe_interval_s`` set and a node label among ``labels``, a thread asks the GCS
+    about the node every ``probe_interval_s`` after a first ``startup_grace_s``; after
+    ``dead_after`` answers in a row that it is not alive, ``alive()`` is False."""
 
     def __init__(
         self,
@@ -74,6 +147,9 @@ class RayNode:
         temp_dir: Path | None = None,
         log_path: Path | None = None,
         pid_file: Path | None = None,
+        probe_interval_s: float | None = None,
+        startup_grace_s: float = 30.0,
+        dead_after: int = 3,
     ) -> None:
         self.address = address
         self.token_file = token_file
@@ -87,6 +163,13 @@ class RayNode:
         self.pid_file = pid_file
         self._proc: subprocess.Popen[bytes] | None = None
         self._adopted_pid: int | None = None
+        self.probe_interval_s = probe_interval_s
+        self.startup_grace_s = startup_grace_s
+        self.dead_after = dead_after
+        name = self.labels.get(NODE_LABEL)
+        self.probe = GcsProbe(self.gcs_address, name) if name and probe_interval_s else None
+        self._gcs_misses = 0
+        self._watching: threading.Event | None = None
 
     @property
     def gcs_address(self) -> str:
@@ -135,6 +218,7 @@ class RayNode:
             return False
         self._adopted_pid = pid
         log.info("adopted the Ray node already running (pid %d)", pid)
+        self._watch(grace_s=0.0)
         return True
 
     def start(self, settle_s: float = 1.0) -> None:
@@ -169,15 +253,65 @@ class RayNode:
                     + (f"; see {self.log_path}" if self.log_path else "")
                 )
             time.sleep(0.1)
+        self._watch(grace_s=self.startup_grace_s)
 
-    def alive(self) -> bool:
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def process_alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
         return self._adopted_pid is not None and _is_ray_start(self._adopted_pid)
 
+    def alive(self) -> bool:
+        """The process runs, and the GCS has not said ``dead_after`` times in a row that
+        the node is not alive."""
+        return self.process_alive() and self._gcs_misses < self.dead_after
+
+    def down_reason(self) -> str:
+        if not self.process_alive():
+            return "its process has exited"
+        return (
+            f"the site's GCS has not seen it alive in {self._gcs_misses} checks "
+            f"{self.probe_interval_s:.0f} s apart"
+        )
+
+    def _watch(self, *, grace_s: float) -> None:
+        """(Re)start the GCS probe thread for the node just started or adopted."""
+        self._unwatch()
+        self._gcs_misses = 0
+        if self.probe is None or self.probe_interval_s is None:
+            return
+        stop = self._watching = threading.Event()
+        probe, interval = self.probe, self.probe_interval_s
+
+        def _loop() -> None:
+            if stop.wait(grace_s):
+                return
+            while not stop.is_set():
+                verdict = probe.check()
+                if stop.is_set():
+                    return
+                if verdict is True:
+                    self._gcs_misses = 0
+                elif verdict is False:
+                    self._gcs_misses += 1
+                    log.warning("the site's GCS does not list this host's Ray node as alive")
+                if stop.wait(interval):
+                    return
+
+        threading.Thread(target=_loop, name="ray-gcs-probe", daemon=True).start()
+
+    def _unwatch(self) -> None:
+        if self._watching is not None:
+            self._watching.set()
+            self._watching = None
+
     def stop(self, grace_s: float = 15.0) -> None:
         """Stop ``ray start`` (it drains and stops the node's Ray processes itself), then
         kill whatever of its group is left, also when ``ray start`` had already exited."""
+        self._unwatch()
         pid = self.pid
         if pid is None:
             return

@@ -21,46 +21,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-from tempfile import TemporaryDirectory
 
 import httpx
-from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scheduler.cli.localstack import free_port  # noqa: E402
-from scheduler.db.engine import make_engine, session_scope  # noqa: E402
-from scheduler.db.migrate import upgrade  # noqa: E402
-from scheduler.db.types import utcnow  # noqa: E402
-from scheduler.domain.enums import CommitmentLevel, Role  # noqa: E402
-from scheduler.services.providers import add_agreement, create_provider  # noqa: E402
-from scheduler.services.sites import create_site  # noqa: E402
-from scheduler.services.tokens import create_token  # noqa: E402
+from common import database, h100_reports, logger, provider_token, server  # noqa: E402
 
-PG_URL = os.environ.get("DATABASE_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def prepare(url: str) -> str:
-    upgrade(url)
-    engine = make_engine(url)
-    with session_scope(engine) as s:
-        p = create_provider(s, name="bench")
-        add_agreement(s, provider=p, level=CommitmentLevel.reserved, starts_at=utcnow())
-        create_site(s, provider=p, name="bench")
-        _, token = create_token(s, name="bench-agents", role=Role.provider, provider_name="bench")
-    engine.dispose()
-    return token
+log = logger()
 
 
 async def drive(
@@ -94,49 +66,14 @@ async def drive(
 def measure(
     url: str, args: argparse.Namespace, label: str
 ) -> list[tuple[str, float, float, float]]:
-    token = prepare(url)
-    port = free_port()
-    env = dict(os.environ, DATABASE_URL=url, ANDROMEDA_TOKEN=token)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "scheduler",
-            "server",
-            "--no-scheduler",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(base + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    token = provider_token(url)
+    with server(url, token=token) as base:
         headers = {"Authorization": f"Bearer {token}"}
         names = [f"n{i}" for i in range(args.nodes)]
         with httpx.Client(base_url=base, headers=headers) as c:
             for name in names:
-                body = {
-                    "name": name,
-                    "gpus": [
-                        {
-                            "uuid": f"GPU-{name}-{g}",
-                            "index": g,
-                            "name": "NVIDIA H100 80GB HBM3",
-                            "memory_total_bytes": 85_520_809_984,
-                        }
-                        for g in range(8)
-                    ],
-                }
+                gpus = h100_reports(f"GPU-{name}-{g}" for g in range(8))
+                body = {"name": name, "gpus": [gpu.model_dump(exclude_unset=True) for gpu in gpus]}
                 c.post("/v1/nodes/register", json=body).raise_for_status()
         beats = [
             (
@@ -185,9 +122,6 @@ def measure(
                 )
             )
         return rows
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def main() -> None:
@@ -197,20 +131,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=64)
     args = parser.parse_args()
     results = {}
-    with TemporaryDirectory() as tmp:
-        results["SQLite"] = measure(f"sqlite:///{tmp}/bench.db", args, "SQLite")
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        results["PostgreSQL"] = measure(
-            f"{PG_URL}?options=-csearch_path%3D{schema}", args, "PostgreSQL"
-        )
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    for label, kind in (("SQLite", "sqlite"), ("PostgreSQL", "postgresql")):
+        with database(kind) as url:
+            results[label] = measure(url, args, label)
     print(
         f"Heartbeat handling, real server (uvicorn, httptools, uvloop), {args.concurrency} "
         f"connections, {args.seconds:.0f} s per row, {args.nodes} nodes x 8 GPUs"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import logger, table  # noqa: E402
 from scheduler.domain.enums import CommitmentLevel  # noqa: E402
 from scheduler.policy import (  # noqa: E402
     JobRequest,
@@ -54,22 +55,7 @@ POLICIES: list[tuple[str, PolicyFn]] = [
 ]
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    print(line)
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(
-            " | ".join(
-                (c.ljust(w) if i == 0 else c.rjust(w))
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+log = logger()
 
 
 def fmt(value: float) -> str:
@@ -259,23 +245,20 @@ def main() -> None:
             f"({fleet.total_gpus} GPUs, {len(fleet.provider_names)} providers), cycle "
             f"{args.cycle_s} s, checkpoints every {args.checkpoint_every} s"
         )
-        print_table(
-            ["metric", *[p for p, _ in POLICIES], "ours / first-fit"], quality_rows(summaries)
-        )
+        headers = ["metric", *[p for p, _ in POLICIES], "ours / first-fit"]
+        print(table(headers, quality_rows(summaries), left=1))
         print()
         print("Table 2: replay wall time (s), the whole trace through one policy")
-        print_table(
-            ["policy", "replay s", "of which policy s", "goal"],
+        walls_rows = [
             [
-                [
-                    name,
-                    f"{walls[name]:.1f}",
-                    f"{summaries[name]['policy_seconds']:.1f}",
-                    "< 30 s" if name == "andromeda" else "",
-                ]
-                for name, _ in POLICIES
-            ],
-        )
+                name,
+                f"{walls[name]:.1f}",
+                f"{summaries[name]['policy_seconds']:.1f}",
+                "< 30 s" if name == "andromeda" else "",
+            ]
+            for name, _ in POLICIES
+        ]
+        print(table(["policy", "replay s", "of which policy s", "goal"], walls_rows, left=1))
         print()
 
     top = args.scale_nodes
@@ -305,20 +288,18 @@ def main() -> None:
                 str(placed_f),
             ]
         )
-    print_table(
-        [
-            "N",
-            "ours s",
-            "ours decisions/s",
-            "time per gang vs smallest",
-            "placed",
-            "preempting",
-            "first-fit s",
-            "first-fit decisions/s",
-            "first-fit placed",
-        ],
-        rows,
-    )
+    headers = [
+        "N",
+        "ours s",
+        "ours decisions/s",
+        "time per gang vs smallest",
+        "placed",
+        "preempting",
+        "first-fit s",
+        "first-fit decisions/s",
+        "first-fit placed",
+    ]
+    print(table(headers, rows, left=1))
     log("peak memory ...")
     print(
         f"peak memory of one round at N = {top:,}: ours {peak_mib(schedule, top):.0f} MiB, "

@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.raynode import token_env  # noqa: E402
 from agents.site.worker import Worker  # noqa: E402
+from common import logger, table  # noqa: E402
 from scheduler.cli.localstack import LocalStack  # noqa: E402
 from scheduler.client import ApiClient  # noqa: E402
 from scheduler.domain.enums import Role  # noqa: E402
@@ -48,35 +50,27 @@ from scheduler.domain.labels import NODE_LABEL  # noqa: E402
 
 SITE = "bench-site"
 ENTRYPOINT = "sleep 1"
+MODEL = "bench:v1"  # jobs name a registered model version
 
 
-def log(msg: str) -> None:
-    print(f"[bench_sites] {msg}", file=sys.stderr, flush=True)
+log = logger("bench_sites")
 
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    rule = "-+-".join("-" * w for w in widths)
-    body = [" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join([line, rule, *body])
-
-
-def start_stack(data_dir: Path, nodes: dict[str, str], database_url: str | None) -> LocalStack:
-    stack = LocalStack(data_dir, say=log)
-    stack.start(heartbeat_interval_s=2, node_lost_after_s=30, database_url=database_url)
+def start_stack(stack: LocalStack, nodes: dict[str, str], database_url: str | None) -> None:
+    admin = stack.start(heartbeat_interval_s=2, node_lost_after_s=30, database_url=database_url)
+    name, _, version = MODEL.partition(":")
+    admin.request("POST", "/v1/models", json={"name": name})
+    admin.request("POST", f"/v1/models/{name}/versions", json={"version": version})
     token = stack.add_provider("bench", "Bench", "reserved", site=SITE)
     for node, gpus in nodes.items():
         stack.start_agent(node, token, site=SITE, simulate=gpus, ray_cpus=4)
-    return stack
 
 
 # --- table 1 ------------------------------------------------------------------------------
 def api_round(eng: ApiClient, workers: int, n: int) -> float:
     body = {
         "name": f"bench-{n}",
-        "model": "bench",
+        "model": MODEL,
         "entrypoint": ENTRYPOINT,
         "workers": workers,
         "gpus_per_worker": 1,
@@ -148,16 +142,18 @@ def bench_latency(stack: LocalStack, rounds: int, workers: int) -> list[list[obj
     scratch = str(stack.data_dir / "raw-scratch")
     api: list[float] = []
     raw: list[float] = []
-    api_round(eng, workers, -1)  # warm-up: the first actor start on a node is slower
-    raw_round(ray, worker_cls, nodes, scratch, -1)
-    for n in range(rounds):
-        raw.append(raw_round(ray, worker_cls, nodes, scratch, n))
-        api.append(api_round(eng, workers, n))
-        log(
-            f"round {n + 1}/{rounds}: raw {raw[-1] * 1000:.0f} ms, "
-            f"andromeda {api[-1] * 1000:.0f} ms"
-        )
-    ray.shutdown()
+    try:
+        api_round(eng, workers, -1)  # warm-up: the first actor start on a node is slower
+        raw_round(ray, worker_cls, nodes, scratch, -1)
+        for n in range(rounds):
+            raw.append(raw_round(ray, worker_cls, nodes, scratch, n))
+            api.append(api_round(eng, workers, n))
+            log(
+                f"round {n + 1}/{rounds}: raw {raw[-1] * 1000:.0f} ms, "
+                f"andromeda {api[-1] * 1000:.0f} ms"
+            )
+    finally:
+        ray.shutdown()  # before the stack stops the cluster, which would end this process
 
     def p90(xs: list[float]) -> float:
         return sorted(xs)[max(0, int(len(xs) * 0.9) - 1)]
@@ -178,7 +174,7 @@ def run_jobs(stack: LocalStack, jobs: int, seconds: int, *, restart: bool) -> di
     for n in range(jobs):
         body = {
             "name": f"steady-{n}",
-            "model": "bench",
+            "model": MODEL,
             "entrypoint": f"sleep {seconds}",
             "gpus_per_worker": 1,
             "preemptible": False,
@@ -241,9 +237,10 @@ def main() -> int:
     for i in range(-(-args.jobs // 10)):  # room for every job at once, 10 GPUs a node
         nodes[f"big{i}"] = f"{min(10, args.jobs - 10 * i)}xH100-80GB"
     log(f"starting the stack in {data}")
-    stack = start_stack(data, nodes, args.database_url)
+    stack = LocalStack(data, say=log)
     ok = False
     try:
+        start_stack(stack, nodes, args.database_url)
         if not args.skip_latency:
             latency = bench_latency(stack, args.rounds, args.workers)
             print(
@@ -257,6 +254,12 @@ def main() -> int:
         log(f"{jobs} jobs of {args.job_seconds}s with kill -9 of the server while they run")
         hit = run_jobs(stack, jobs, args.job_seconds, restart=True)
         ok = True
+    except Exception:
+        # Printed now: once the stack is closed, a process still connected to its Ray
+        # cluster may be ended by Ray before the error would reach the terminal.
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
     finally:
         stack.close()
         if ok:

@@ -23,7 +23,6 @@ Progress goes to stderr, tables to stdout.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -38,32 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import text  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 
+from common import database, logger, table  # noqa: E402
 from scheduler.attribution import lifecycle  # noqa: E402
 from scheduler.attribution.policy import DEFAULT_POLICY, Stream  # noqa: E402
 from scheduler.db.engine import make_engine  # noqa: E402
-from scheduler.db.migrate import upgrade  # noqa: E402
 from scheduler.db.models import RevenueEvent, UsageInterval  # noqa: E402
 from scheduler.domain.money import round_pool, split_largest_remainder  # noqa: E402
 from scheduler.domain.periods import parse_period  # noqa: E402
 
-PG_URL = os.environ.get("DATABASE_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PERIOD = parse_period("2026-11")
 MODELS = ("H100-80GB", "H200-141GB", "A100-80GB")
 
 
-def log(msg: str) -> None:
-    print(f"[bench_statements] {msg}", file=sys.stderr, flush=True)
-
-
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    out = [
-        " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
-        "-+-".join("-" * w for w in widths),
-    ]
-    out += [" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(out)
+log = logger("bench_statements")
 
 
 def copy(conn, table_name: str, columns: list[str], rows) -> None:  # type: ignore[no-untyped-def]
@@ -282,31 +268,55 @@ def load(engine, args) -> dict[str, int]:  # type: ignore[no-untyped-def]
         levels = {i: ("reserved", "committed", "spot")[i % 3] for i in range(1, args.providers + 1)}
 
         def usage():  # type: ignore[no-untyped-def]
+            # Rows of one GPU must not overlap (the database refuses it), so each GPU's rows
+            # are laid end to end, in random order, over the first 29 days (before the
+            # allocations end), the time left over spread as random gaps between them.
+            # A provider's rows take its 8 GPUs in turn, so that each GPU gets an eighth.
+            window = 29 * 86400
+            lengths = [600 + rng.randrange(6 * 3600) for _ in range(args.rows)]
+            by_gpu: dict[tuple[int, int], list[int]] = defaultdict(list)
+            taken: dict[int, int] = defaultdict(int)
             for r in range(args.rows):
-                j = 1 + r % jobs
-                p = job_provider[j]
-                s0 = base + rng.randrange(28 * 86400)
-                length = 600 + rng.randrange(6 * 3600)
-                g = r % 8
-                yield (
-                    f"{j}:{r}:{s0}",
-                    j,
-                    j,
-                    p,
-                    p,
-                    p,
-                    p,
-                    p * 8 + g,
-                    f"GPU-{p}-{g}",
-                    MODELS[p % 3],
-                    levels[p],
-                    datetime.fromtimestamp(s0, UTC),
-                    datetime.fromtimestamp(s0 + length, UTC),
-                    s0,
-                    s0 + length,
-                    length,
-                    datetime.fromtimestamp(s0 + length, UTC),
-                )
+                p = job_provider[1 + r % jobs]
+                by_gpu[(p, taken[p] % 8)].append(r)
+                taken[p] += 1
+            squeezed = 0
+            for (p, g), rows in by_gpu.items():
+                rng.shuffle(rows)
+                busy = sum(lengths[r] for r in rows)
+                if busy > window:  # too many to fit: shorten them all alike
+                    squeezed += 1
+                    for r in rows:
+                        lengths[r] = max(1, lengths[r] * window // busy)
+                    busy = sum(lengths[r] for r in rows)
+                cuts = sorted(rng.randrange(window - busy + 1) for _ in rows)
+                t = base
+                for r, cut, previous in zip(rows, cuts, [0, *cuts], strict=False):
+                    j = 1 + r % jobs
+                    s0 = t + cut - previous
+                    length = lengths[r]
+                    t = s0 + length
+                    yield (
+                        f"{j}:{r}:{s0}",
+                        j,
+                        j,
+                        p,
+                        p,
+                        p,
+                        p,
+                        p * 8 + g,
+                        f"GPU-{p}-{g}",
+                        MODELS[p % 3],
+                        levels[p],
+                        datetime.fromtimestamp(s0, UTC),
+                        datetime.fromtimestamp(s0 + length, UTC),
+                        s0,
+                        s0 + length,
+                        length,
+                        datetime.fromtimestamp(s0 + length, UTC),
+                    )
+            if squeezed:
+                log(f"{squeezed} GPUs had more than {window // 86400} days of rows: shortened")
 
         copy(
             conn,
@@ -487,14 +497,7 @@ def main() -> int:
         "--naive-sample", type=int, default=20, help="the naive way splits every N-th event"
     )
     args = parser.parse_args()
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    try:
-        upgrade(url)
+    with database("postgresql") as url:
         engine = make_engine(url)
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM reward_policy"))  # DEFAULT_POLICY applies
@@ -528,10 +531,6 @@ def main() -> int:
         naive_seconds = naive_usage(engine)
         naive_usage_s = time.perf_counter() - t0
         engine.dispose()
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
     print(
         f"\nTable 1: statements for one month, {args.providers} providers, {args.rows:,} usage "

@@ -6,6 +6,8 @@ HTTP goes through an ``httpx`` transport, so tests can hand in the real app
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +15,8 @@ import httpx
 
 from scheduler.domain.explain import format_errors
 from scheduler.schemas import (
+    EvidenceAck,
+    EvidenceBatch,
     Heartbeat,
     JobDetail,
     JobLogs,
@@ -21,10 +25,14 @@ from scheduler.schemas import (
     NodeRegister,
     NodeRegistered,
     SiteAssignments,
+    SitePublic,
     SiteReport,
     SiteReportResult,
     UsageReport,
 )
+
+PAGE_SIZE = 5000
+"""Items asked for per page when following a list's cursor: the most the server gives."""
 
 
 class ApiError(Exception):
@@ -58,11 +66,15 @@ class ApiClient:
         *,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        on_response: Callable[[float, float, httpx.Response], None] | None = None,
     ) -> None:
+        """``on_response(sent_s, received_s, response)`` is called for every answer, errors
+        included (wall-clock seconds): the agent reads the server's clock from it."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
         )
+        self.on_response = on_response
 
     def close(self) -> None:
         self._http.close()
@@ -74,15 +86,41 @@ class ApiClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        if method == "HEAD" or not response.content:
+            return None
+        return response.json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer to one request; ``ApiError`` when it is an error."""
+        sent = time.time()
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ConnectionError(f"cannot reach {self._http.base_url}: {exc}") from exc
+        if self.on_response is not None:
+            self.on_response(sent, time.time(), response)
         if response.status_code >= 400:
             raise ApiError(response.status_code, _detail(response))
-        if method == "HEAD" or not response.content:
-            return None
-        return response.json()
+        return response
+
+    def list_all(
+        self, path: str, *, params: dict[str, Any] | None = None, limit: int | None = None
+    ) -> list[Any]:
+        """Every item of a list endpoint (``limit``: only the first that many), page after
+        page: each page's ``X-Next-Cursor`` header says where the next one starts
+        (``scheduler/api/paging.py``); the last page has none."""
+        items: list[Any] = []
+        query = dict(params or {})
+        while True:
+            size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - len(items))
+            response = self._send("GET", path, params={**query, "limit": size})
+            page = response.json()
+            items.extend(page)
+            cursor = response.headers.get("x-next-cursor")
+            if not cursor or not page or (limit is not None and len(items) >= limit):
+                return items
+            query["cursor"] = cursor
 
     # --- jobs -------------------------------------------------------------------------------
     def submit(
@@ -102,11 +140,11 @@ class ApiClient:
         }
         return JobDetail.model_validate(self.request("POST", "/v1/jobs", json=spec, params=params))
 
-    def jobs(self, *, status: str | None = None, limit: int = 100) -> list[JobPublic]:
-        params: dict[str, Any] = {"limit": limit}
-        if status:
-            params["status"] = status
-        return [JobPublic.model_validate(j) for j in self.request("GET", "/v1/jobs", params=params)]
+    def jobs(self, *, status: str | None = None, limit: int | None = 100) -> list[JobPublic]:
+        """The newest ``limit`` jobs (None: every one), newest first."""
+        params = {"status": status} if status else {}
+        rows = self.list_all("/v1/jobs", params=params, limit=limit)
+        return [JobPublic.model_validate(j) for j in rows]
 
     def job(self, job_id: int) -> JobDetail:
         return JobDetail.model_validate(self.request("GET", f"/v1/jobs/{job_id}"))
@@ -128,8 +166,18 @@ class ApiClient:
         )
         return NodePublic.model_validate(data)
 
+    def post_evidence(self, name: str, body: EvidenceBatch) -> EvidenceAck:
+        data = self.request("POST", f"/v1/nodes/{name}/evidence", json=body.model_dump(mode="json"))
+        return EvidenceAck.model_validate(data)
+
     def nodes(self) -> list[NodePublic]:
-        return [NodePublic.model_validate(n) for n in self.request("GET", "/v1/nodes")]
+        return [NodePublic.model_validate(n) for n in self.list_all("/v1/nodes")]
+
+    def sites(self) -> list[SitePublic]:
+        return [SitePublic.model_validate(s) for s in self.list_all("/v1/sites")]
+
+    def remove_node(self, name: str) -> NodePublic:
+        return NodePublic.model_validate(self.request("DELETE", f"/v1/nodes/{name}"))
 
     def set_node_status(
         self,
@@ -192,8 +240,10 @@ class ApiClient:
         return response.content
 
     # --- usage, providers, tokens ----------------------------------------------------------
-    def usage(self, *, start: datetime | None = None, end: datetime | None = None) -> UsageReport:
-        params = {"by": "provider"}
+    def usage(
+        self, *, start: datetime | None = None, end: datetime | None = None, by: str = "provider"
+    ) -> UsageReport:
+        params = {"by": by}
         if start:
             params["start"] = start.isoformat()
         if end:

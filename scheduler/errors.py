@@ -6,7 +6,8 @@ AndromedaError
 ├── Conflict           409  the state does not allow it (already finished, name taken)
 ├── TooLarge           413  a request body over its documented limit
 ├── Unauthenticated    401  no token, or an unknown or revoked one
-└── Forbidden          403  the token's role or provider may not do this
+├── Forbidden          403  the token's role or provider may not do this
+└── Unavailable        503  the server cannot do it right now; retry (shutting down, database away)
 """
 
 from __future__ import annotations
@@ -47,3 +48,7 @@ class Forbidden(AndromedaError):
 
 class TooLarge(AndromedaError):
     status_code = 413
+
+
+class Unavailable(AndromedaError):
+    status_code = 503

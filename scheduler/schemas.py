@@ -4,7 +4,7 @@ the agent so both ends of a call validate the same shapes."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,14 @@ from scheduler.domain.limits import INT32_MAX, INT64_MAX, CleanText
 
 class _In(CleanText):
     model_config = ConfigDict(extra="forbid")
+
+
+# Bounded text of list items and mapping keys and values (docs/OPERATIONS.md, Limits).
+Reason = Annotated[str, Field(max_length=200)]
+ShortKey = Annotated[str, Field(max_length=64)]
+ShortValue = Annotated[str, Field(max_length=500)]
+DecimalText = Annotated[str, Field(max_length=32)]
+HostName = Annotated[str, Field(max_length=255)]
 
 
 # --- providers, agreements, tokens ---------------------------------------------------------
@@ -61,7 +69,13 @@ class AgreementPublic(BaseModel):
 class TokenCreate(_In):
     name: str = Field(min_length=1, max_length=100)
     role: Role
-    provider: str | None = None
+    provider: str | None = Field(default=None, max_length=63)
+    site: str | None = Field(
+        default=None,
+        pattern=NAME_RE,
+        description="provider tokens: bind the token to this site (a site's registration "
+        "token: it registers and reports that site's nodes only)",
+    )
 
 
 class TokenPublic(BaseModel):
@@ -69,6 +83,7 @@ class TokenPublic(BaseModel):
     name: str
     role: Role
     provider: str | None
+    site: str | None = None
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
@@ -79,11 +94,26 @@ class TokenCreated(TokenPublic):
 
 
 # --- nodes -----------------------------------------------------------------------------------
+class MigInstanceReport(_In):
+    uuid: str = Field(min_length=4, max_length=96)
+    profile: str = Field(min_length=1, max_length=64)
+    memory_total_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
+
+
 class GpuReport(_In):
     uuid: str = Field(min_length=4, max_length=96)
     index: int = Field(ge=0, le=255)
     name: str = Field(min_length=1, max_length=128)
     memory_total_bytes: int = Field(gt=0, le=INT64_MAX)
+    compute_capability: str | None = Field(default=None, pattern=r"^\d{1,2}\.\d{1,2}$")
+    pci_bus_id: str | None = Field(default=None, max_length=32)
+    serial: str | None = Field(default=None, max_length=64)
+    mig_enabled: bool | None = Field(
+        default=None,
+        description="a MIG-enabled GPU is recorded with its instances but takes no gang work "
+        "(gangs are placed on whole GPUs); see docs/AGENT.md",
+    )
+    mig_instances: list[MigInstanceReport] = Field(default_factory=list, max_length=7)
 
 
 class NodeRegister(_In):
@@ -101,22 +131,88 @@ class NodeRegister(_In):
     cpu_count: int = Field(default=0, ge=0, le=INT32_MAX)
     memory_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
     driver_version: str | None = Field(default=None, max_length=64)
+    cuda_driver_version: str | None = Field(default=None, max_length=16)
     gpus: list[GpuReport] = Field(min_length=1, max_length=64)
 
 
 class GpuSampleIn(_In):
     uuid: str = Field(min_length=4, max_length=96)
     health: GpuHealth = GpuHealth.unknown
-    health_reasons: list[str] = Field(default_factory=list, max_length=20)
+    health_reasons: list[Reason] = Field(
+        default_factory=list, max_length=20, description="at most 20, of 200 characters each"
+    )
     utilization_pct: int | None = Field(default=None, ge=0, le=100)
     memory_used_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX)
     temperature_c: int | None = Field(default=None, ge=-50, le=200)
     power_mw: int | None = Field(default=None, ge=0, le=INT64_MAX)
     energy_mj: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    process_count: int | None = Field(default=None, ge=0, le=4096)
+    throttle_reasons: list[ShortKey] | None = Field(default=None, max_length=16)
+
+
+EVIDENCE_WINDOW_S = 60
+"""Evidence windows are aligned to this many seconds of the server's clock."""
+
+
+class EvidenceWindow(_In):
+    """What one GPU did over [start_s, end_s) (Unix seconds, server clock as the agent
+    estimates it), aggregated by the agent from its samples. Keyed by (node, GPU,
+    start_s): sending a window twice stores it once."""
+
+    uuid: str = Field(min_length=4, max_length=96)
+    start_s: int = Field(ge=0, le=INT64_MAX)
+    end_s: int = Field(ge=0, le=INT64_MAX)
+    samples: int = Field(ge=1, le=100_000)
+    utilization_pct_avg: int | None = Field(default=None, ge=0, le=100)
+    energy_mj: int | None = Field(
+        default=None,
+        ge=0,
+        le=INT64_MAX,
+        description="energy used in the window; a counter "
+        "reset inside it is skipped over, never counted as negative energy",
+    )
+    process_seen: bool | None = Field(
+        default=None,
+        description="a compute process ran on the GPU during the window; "
+        "None when NVML could not list processes",
+    )
+
+    @field_validator("end_s")
+    @classmethod
+    def _ordered(cls, end_s: int, info: Any) -> int:
+        start = info.data.get("start_s")
+        if start is not None and not start < end_s <= start + 3600:
+            raise ValueError("end_s must be after start_s and at most an hour later")
+        return end_s
 
 
 class Heartbeat(_In):
     gpus: list[GpuSampleIn] = Field(default_factory=list, max_length=64)
+    sent_at: AwareDatetime | None = Field(
+        default=None, description="the agent's clock when it sent this; used to detect skew"
+    )
+    gpu_source_error: str | None = Field(
+        default=None,
+        max_length=500,
+        description="set when NVML itself fails on the node (driver gone, access lost): "
+        "the node's GPUs are then unknown, not lost",
+    )
+    evidence: list[EvidenceWindow] = Field(default_factory=list, max_length=2048)
+
+
+class EvidenceBatch(_In):
+    """Evidence a node's spool replays after an outage, oldest first."""
+
+    windows: list[EvidenceWindow] = Field(min_length=1, max_length=20_000)
+
+
+class EvidenceAck(BaseModel):
+    stored: int = Field(description="windows new to the server")
+    duplicates: int = Field(description="windows it already had (a replay of a replay)")
+    credited_gpu_seconds: int = Field(
+        description="GPU-seconds given back to allocations that this evidence shows held "
+        "their GPUs while the node was out of contact"
+    )
 
 
 class GpuPublic(BaseModel):
@@ -125,7 +221,10 @@ class GpuPublic(BaseModel):
     model: str
     memory_bytes: int
     health: GpuHealth
+    health_reasons: str | None = None
     utilization_pct: int | None
+    process_count: int | None = None
+    mig_enabled: bool | None = Field(default=None, description="MIG-enabled GPUs take no gang work")
     busy: bool = Field(description="held by an open allocation")
 
 
@@ -140,6 +239,36 @@ class NodePublic(BaseModel):
     ray_joined: bool
     last_heartbeat_at: datetime
     gpus: list[GpuPublic]
+    status_set_by: str | None = Field(
+        default=None, description="who set the status by hand: admin or provider"
+    )
+    clock_skew_ms: int | None = Field(
+        default=None, description="the agent's clock minus the server's at its last heartbeat"
+    )
+    gpu_source_error: str | None = Field(
+        default=None, description="set while NVML itself fails on the node"
+    )
+
+
+class GpuConflictPublic(BaseModel):
+    id: int
+    gpu_uuid: str
+    registered_on: str = Field(description="the node the GPU is registered on")
+    claimant_provider: str
+    claimant_node: str
+    attempts: int
+    first_seen_at: datetime
+    last_seen_at: datetime
+    resolved_at: datetime | None
+    resolution: str | None
+
+
+class GpuConflictResolve(_In):
+    release: bool = Field(
+        description="true: take the GPU off the node it is registered on (it must hold no "
+        "work) so the claimant's next registration gets it; false: dismiss the claim"
+    )
+    note: str | None = Field(default=None, max_length=500)
 
 
 class NodeRegistered(BaseModel):
@@ -228,6 +357,18 @@ class UsageRow(BaseModel):
     gpu_model: str
     gpu_seconds: int
     gpu_hours: str = Field(description="gpu_seconds / 3600, exact decimal to 4 places")
+    idle_gpu_seconds: int = Field(
+        default=0, description="of gpu_seconds, those whose evidence saw no compute process"
+    )
+    unverified_gpu_seconds: int = Field(
+        default=0, description="of gpu_seconds, those with no evidence from the GPU's agent"
+    )
+    allocation_id: int | None = Field(default=None, description="by=allocation only")
+    job: str | None = Field(default=None, description="by=allocation only: the job's name")
+    utilization_pct_avg: int | None = Field(
+        default=None, description="by=allocation only: evidence-weighted average utilisation"
+    )
+    energy_mj: int | None = Field(default=None, description="by=allocation only")
 
 
 class UsageReport(BaseModel):
@@ -325,13 +466,13 @@ class SiteReport(_In):
         default_factory=list, max_length=100_000, description="allocations it holds"
     )
     events: list[SiteEvent] = Field(default_factory=list, max_length=10_000)
-    ray_nodes: list[str] | None = Field(
+    ray_nodes: list[HostName] | None = Field(
         default=None, max_length=100_000, description="node names Ray reports alive"
     )
     logs: dict[int, dict[int, str]] = Field(
         default_factory=dict, max_length=10_000, description="allocation -> rank -> live tail"
     )
-    agent: dict[str, str] = Field(default_factory=dict, max_length=20)
+    agent: dict[ShortKey, ShortValue] = Field(default_factory=dict, max_length=20)
     checkpoints: dict[int, AwareDatetime] = Field(
         default_factory=dict,
         max_length=100_000,
@@ -517,9 +658,11 @@ class PaymentIn(_In):
 
 class RewardPolicyIn(_In):
     effective_from: AwareDatetime
-    rates: dict[str, str] = Field(default_factory=dict, max_length=50)
-    bonus_tiers: list[dict[str, str]] | None = Field(default=None, max_length=50)
-    gpu_weights: dict[str, str] | None = Field(default=None, max_length=200)
+    rates: dict[ShortKey, DecimalText] = Field(default_factory=dict, max_length=50)
+    bonus_tiers: list[Annotated[dict[ShortKey, DecimalText], Field(max_length=10)]] | None = Field(
+        default=None, max_length=50
+    )
+    gpu_weights: dict[ShortKey, DecimalText] | None = Field(default=None, max_length=200)
     ancestor_weight: str | None = Field(default=None, max_length=20)
     note: str = Field(default="", max_length=500)
 

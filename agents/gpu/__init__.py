@@ -10,16 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from agents.gpu.nvml import NvmlReader
-from agents.gpu.reader import GpuInfo, GpuReader, GpuReaderError, GpuSample
+from agents.gpu.reader import (
+    GpuInfo,
+    GpuProcess,
+    GpuReader,
+    GpuReaderError,
+    GpuSample,
+    MigInstance,
+)
 from agents.gpu.recorded import NOT_SUPPORTED, RecordedNvml
 from agents.gpu.simulated import SimulatedReader, parse_gpu_spec, simulated_uuid
 
 __all__ = [
     "NOT_SUPPORTED",
     "GpuInfo",
+    "GpuProcess",
     "GpuReader",
     "GpuReaderError",
     "GpuSample",
+    "MigInstance",
     "NvmlReader",
     "RecordedNvml",
     "SimulatedReader",

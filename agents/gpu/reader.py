@@ -19,6 +19,15 @@ from scheduler.domain.enums import GpuHealth
 
 
 @dataclass(frozen=True, slots=True)
+class MigInstance:
+    """One MIG GPU instance of a MIG-enabled GPU (its own UUID, profile and memory)."""
+
+    uuid: str
+    profile: str  # e.g. "1g.10gb", from the instance's device name
+    memory_total_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuInfo:
     """Static inventory of one GPU, read once when the agent starts.
 
@@ -33,6 +42,18 @@ class GpuInfo:
     model: str
     memory_total_bytes: int
     mig_enabled: bool | None = None
+    compute_capability: str | None = None  # "9.0"
+    pci_bus_id: str | None = None  # "00000000:00:07.0"
+    serial: str | None = None
+    mig_instances: tuple[MigInstance, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """A compute process NVML sees on a GPU; ``used_memory_bytes`` is None when hidden."""
+
+    pid: int
+    used_memory_bytes: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +63,9 @@ class GpuSample:
     Every numeric field is ``None`` when the value is unknown or not supported, never 0.
     ``energy_mj`` is NVML's cumulative counter since the driver loaded, so consumers take
     differences between samples rather than reading it as a per-interval amount.
-    ``health_reasons`` explains, in words for an operator, why ``health`` is not ``ok``.
+    ``health_reasons`` explains, in words for an operator, why ``health`` is not ``ok``; on
+    an ``ok`` GPU it may name an event worth seeing that left the GPU healthy (an
+    application's XID 13), in the sample after the event only.
     """
 
     uuid: str
@@ -54,6 +77,15 @@ class GpuSample:
     energy_mj: int | None
     process_count: int | None
     health_reasons: tuple[str, ...] = ()
+    # None when NVML could not list them (not an empty tuple: "none running" is a fact).
+    processes: tuple[GpuProcess, ...] | None = None
+    # Names of the active clock-throttle reasons ("sw_power_cap", "hw_slowdown", ...);
+    # None when unknown, () when the clocks are not throttled.
+    throttle_reasons: tuple[str, ...] | None = None
+    # Costly fields, read only every ``costly_every`` samples; None in between. PCIe
+    # throughput is NVML's, in KB/s over the 20 ms the call measures.
+    pcie_tx_kbps: int | None = None
+    pcie_rx_kbps: int | None = None
 
 
 class GpuReader(Protocol):
@@ -65,6 +97,10 @@ class GpuReader(Protocol):
 
     def driver_version(self) -> str | None: ...
 
+    def cuda_driver_version(self) -> str | None:
+        """The newest CUDA version the driver supports ("13.0"); None when unknown."""
+        ...
+
     def inventory(self) -> list[GpuInfo]: ...
 
     def sample(self) -> list[GpuSample]: ...
@@ -73,7 +109,10 @@ class GpuReader(Protocol):
 
 
 class GpuReaderError(Exception):
-    """The GPU source cannot be used at all (NVML missing, driver not loaded, init failed).
+    """The GPU source cannot be used at all (NVML missing, driver not loaded, init failed,
+    or NVML broke while the agent ran: the driver was unloaded, the container lost access).
+    ``sample()`` raises it for the last case, which the agent reports as the node's NVML
+    being broken, distinctly from a GPU being lost.
 
     The message is meant for the operator who started the agent and says what to do next.
     """

@@ -129,6 +129,11 @@ class SimulatedReader:
     def driver_version(self) -> str | None:
         return "simulated"
 
+    def cuda_driver_version(self) -> str | None:
+        """None: a simulated host has no CUDA driver, and a made-up version would be
+        compared with jobs' CUDA requirements as if it were real."""
+        return None
+
     def inventory(self) -> list[GpuInfo]:
         return [gpu.info for gpu in self._gpus]
 

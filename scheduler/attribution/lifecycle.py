@@ -233,11 +233,16 @@ def list_statements(
     now: datetime,
     currency: str,
     provider_id: int | None = None,
+    after: str | None = None,
+    limit: int | None = None,
 ) -> list[StatementPublic]:
-    """Every provider's statement for one period (drafts computed from one shared book)."""
-    stmt = select(Provider).order_by(col(Provider.name))
+    """Every provider's statement for one period (drafts computed from one shared book), by
+    provider name: with ``after``, the providers named after it; ``limit`` of them at most."""
+    stmt = select(Provider).order_by(col(Provider.name)).limit(limit)
     if provider_id is not None:
         stmt = stmt.where(Provider.id == provider_id)
+    if after is not None:
+        stmt = stmt.where(col(Provider.name) > after)
     book = PeriodBook.open(session, period, currency=currency)
     stored = {
         row.provider_id: row

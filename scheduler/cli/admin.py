@@ -13,6 +13,7 @@ from scheduler.cli.output import ago, table
 from scheduler.cli.times import parse_when
 from scheduler.config import Settings
 from scheduler.domain.enums import CommitmentLevel, Role
+from scheduler.schemas import NodePublic
 
 
 @click.command()
@@ -82,7 +83,10 @@ def server(host: str | None, port: int | None, no_scheduler: bool, log_level: st
             app.state.notifier.close()  # long polls answer now, so shutdown need not wait
             super().handle_exit(sig, frame)
 
-    _Server(config).run()
+    served = _Server(config)
+    served.run()
+    if not served.started:  # start-up refused (another server holds SQLite, say): logged
+        raise SystemExit(1)
 
 
 @click.group()
@@ -116,6 +120,11 @@ def token() -> None:
 @click.option("--role", required=True, type=click.Choice([r.value for r in Role]))
 @click.option("--provider", help="The provider a provider token acts for.")
 @click.option(
+    "--site",
+    help="Bind a provider token to one of its sites: a registration token that registers "
+    "and reports that site's nodes only (what to give each site's hosts).",
+)
+@click.option(
     "--local",
     is_flag=True,
     help="Write straight to DATABASE_URL (for the first admin token); otherwise ask "
@@ -125,7 +134,13 @@ def token() -> None:
 @click.option("--token", "admin_token", envvar="ANDROMEDA_TOKEN", default=None)
 @handle_errors
 def token_create(
-    name: str, role: str, provider: str | None, local: bool, server: str, admin_token: str | None
+    name: str,
+    role: str,
+    provider: str | None,
+    site: str | None,
+    local: bool,
+    server: str,
+    admin_token: str | None,
 ) -> None:
     """Create a token and print its secret (shown only this once)."""
     if local:
@@ -139,7 +154,7 @@ def token_create(
         try:
             with session_scope(make_engine(settings.database_url)) as session:
                 _, secret = create_token(
-                    session, name=name, role=Role(role), provider_name=provider
+                    session, name=name, role=Role(role), provider_name=provider, site_name=site
                 )
         except AndromedaError as exc:
             raise click.ClickException(exc.message) from exc
@@ -149,7 +164,7 @@ def token_create(
         if not admin_token:
             raise click.UsageError("pass --token (an admin token) or --local")
         with client_from(server, admin_token) as api:
-            body = {"name": name, "role": role, "provider": provider}
+            body = {"name": name, "role": role, "provider": provider, "site": site}
             secret = api.request("POST", "/v1/tokens", json=body)["token"]
     click.echo(secret)
 
@@ -233,7 +248,7 @@ def site_create(name: str, provider_name: str, server: str, token: str) -> None:
 def site_list(server: str, token: str) -> None:
     """List sites, their nodes and when their agent last reported."""
     with client_from(server, token) as api:
-        rows = api.request("GET", "/v1/sites")
+        rows = api.list_all("/v1/sites")
     click.echo(
         table(
             ["site", "provider", "nodes", "agent seen", "version"],
@@ -257,7 +272,7 @@ def site_list(server: str, token: str) -> None:
 def provider_list(server: str, token: str) -> None:
     """List providers."""
     with client_from(server, token) as api:
-        rows = api.request("GET", "/v1/providers")
+        rows = api.list_all("/v1/providers")
     click.echo(
         table(
             ["name", "display name", "created"],
@@ -266,16 +281,44 @@ def provider_list(server: str, token: str) -> None:
     )
 
 
+def _health_note(node: NodePublic) -> str:
+    notes = []
+    if node.gpu_source_error:
+        notes.append(f"NVML broken: {node.gpu_source_error}")
+    for state in ("failed", "degraded"):
+        bad = [g for g in node.gpus if g.health.value == state]
+        if bad:
+            notes.append(f"{len(bad)} GPU {state}")
+    mig = sum(1 for g in node.gpus if g.mig_enabled)
+    if mig:
+        notes.append(f"{mig} GPU MIG (no gangs)")
+    if node.clock_skew_ms is not None and abs(node.clock_skew_ms) > 5000:
+        notes.append(f"clock {node.clock_skew_ms / 1000:+.0f}s")
+    return "; ".join(notes) or "ok"
+
+
 @click.command()
 @server_options
 @handle_errors
 def nodes(server: str, token: str) -> None:
-    """List nodes with their GPUs, status and last heartbeat."""
+    """List nodes with their GPUs, status and last heartbeat; ``health`` says what is
+    wrong (failed or degraded GPUs, NVML broken on the node, a clock off the server's)."""
     with client_from(server, token) as api:
         rows = api.nodes()
     click.echo(
         table(
-            ["node", "provider", "site", "level", "status", "ray", "gpus", "busy", "heartbeat"],
+            [
+                "node",
+                "provider",
+                "site",
+                "level",
+                "status",
+                "ray",
+                "gpus",
+                "busy",
+                "heartbeat",
+                "health",
+            ],
             [
                 [
                     n.name,
@@ -287,6 +330,7 @@ def nodes(server: str, token: str) -> None:
                     f"{len(n.gpus)}x{n.gpus[0].model}" if n.gpus else "0",
                     sum(g.busy for g in n.gpus),
                     ago(n.last_heartbeat_at) + " ago",
+                    _health_note(n),
                 ]
                 for n in rows
             ],
@@ -295,7 +339,7 @@ def nodes(server: str, token: str) -> None:
 
 
 @click.command()
-@click.argument("action", type=click.Choice(["drain", "cordon", "uncordon"]))
+@click.argument("action", type=click.Choice(["drain", "cordon", "uncordon", "remove"]))
 @click.argument("name")
 @click.option("--reason", help="Shown with the node's status.")
 @click.option(
@@ -319,17 +363,27 @@ def node(
     server: str,
     token: str,
 ) -> None:
-    """Drain, cordon, or uncordon a node.
+    """Drain, cordon, uncordon or remove a node.
 
     \b
     drain     take the node back: no new work; running work gets the notice to
               checkpoint, then is stopped and moved elsewhere (provider_reclaim)
     cordon    no new work; running work stays
-    uncordon  ready for work again
+    uncordon  ready for work again (a cordon or drain an admin set is lifted
+              only with an admin token)
+    remove    retire the node for good (it must hold no work: drain it first);
+              its history stays, its agent is refused, its name is not reused
     """
-    status = {"drain": "draining", "cordon": "cordoned", "uncordon": "ready"}[action]
     if action != "drain" and (notice or let_finish):
         raise click.UsageError("--notice and --let-finish apply to drain only")
+    if action == "remove":
+        if reason:
+            raise click.UsageError("--reason does not apply to remove")
+        with client_from(server, token) as api:
+            result = api.remove_node(name)
+        click.echo(f"node {result.name}: {result.status.value}")
+        return
+    status = {"drain": "draining", "cordon": "cordoned", "uncordon": "ready"}[action]
     notice_s = parse_duration(notice, "--notice") if notice else None
     with client_from(server, token) as api:
         result = api.set_node_status(name, status, reason, notice_s=notice_s, let_finish=let_finish)
@@ -347,3 +401,62 @@ def parse_duration(text: str, option: str) -> int:
     if not number.isdigit():
         raise click.UsageError(f"{option}: {text!r} is not a duration (try 90s, 10m or 1h)")
     return int(number) * _UNITS[unit]
+
+
+@click.group("gpu-conflicts", invoke_without_command=True)
+@click.pass_context
+@server_options
+@handle_errors
+def gpu_conflicts(ctx: click.Context, server: str, token: str) -> None:
+    """GPU UUIDs a second node tried to register (admins). Without a subcommand: list the
+    open ones."""
+    ctx.obj = (server, token)
+    if ctx.invoked_subcommand is not None:
+        return
+    with client_from(server, token) as api:
+        rows = api.list_all("/v1/gpu-conflicts")
+    click.echo(
+        table(
+            ["id", "gpu", "registered on", "claimed by", "attempts", "last seen"],
+            [
+                [
+                    r["id"],
+                    r["gpu_uuid"],
+                    r["registered_on"],
+                    f"{r['claimant_node']} ({r['claimant_provider']})",
+                    r["attempts"],
+                    r["last_seen_at"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@gpu_conflicts.command("resolve")
+@click.argument("conflict_id", type=click.IntRange(min=1))
+@click.option(
+    "--release",
+    "decision",
+    flag_value="release",
+    help="Take the GPU off the node it is registered on (it must hold no work) so the "
+    "claimant's next registration gets it.",
+)
+@click.option("--dismiss", "decision", flag_value="dismiss", help="Refuse the claim.")
+@click.option("--note", help="Why (kept with the conflict).")
+@click.pass_obj
+@handle_errors
+def gpu_conflicts_resolve(
+    obj: tuple[str, str], conflict_id: int, decision: str | None, note: str | None
+) -> None:
+    """Resolve a GPU conflict: --release or --dismiss."""
+    if decision is None:
+        raise click.UsageError("say --release or --dismiss")
+    server, token = obj
+    with client_from(server, token) as api:
+        row = api.request(
+            "POST",
+            f"/v1/gpu-conflicts/{conflict_id}/resolve",
+            json={"release": decision == "release", "note": note},
+        )
+    click.echo(f"GPU conflict {row['id']} ({row['gpu_uuid']}): {row['resolution']}")

@@ -103,6 +103,16 @@ def _stop_on_signals(stop: object) -> None:
     signal.signal(signal.SIGINT, _stop)
 
 
+def _drain_on_signals(request_stop: Callable[[], None]) -> None:
+    """The node agent's handler: the first SIGTERM/SIGINT drains, the second stops now."""
+
+    def _handle(signum: int, _frame: FrameType | None) -> None:
+        request_stop()
+
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
+
+
 @click.command()
 @_server_and_token
 @click.option(
@@ -178,6 +188,28 @@ def _stop_on_signals(stop: object) -> None:
     default=None,
     help="Seconds between heartbeats [default: what the server asks for].",
 )
+@click.option(
+    "--spool-path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The SQLite file that keeps evidence while the server is unreachable. "
+    "[default: DATA_DIR/spool.db]",
+)
+@click.option(
+    "--spool-max-mb",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Bound of the evidence spool (about 45 days for 8 GPUs at the default); near it "
+    "the node is cordoned, when full new evidence is refused.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.IntRange(0),
+    default=900,
+    show_default=True,
+    help="On SIGTERM: seconds to wait for the node's work to move before stopping "
+    "(match systemd's TimeoutStopSec). A second SIGTERM stops at once.",
+)
 @click.option("--once", is_flag=True, help="Register, send one heartbeat, print the node, exit.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 @handle_errors
@@ -198,6 +230,9 @@ def agent(
     ray_temp_dir: Path | None,
     checkpoint_root: Path | None,
     heartbeat_interval: float | None,
+    spool_path: Path | None,
+    spool_max_mb: int,
+    drain_timeout: int,
     once: bool,
     log_level: str,
 ) -> None:
@@ -208,8 +243,9 @@ def agent(
     On its other hosts:        andromeda agent --site SITE --ray-address HEAD:6380 \\
                                    --ray-token-file /etc/andromeda/ray-token ...
     Without --head or --ray-address the host's Ray node is managed elsewhere (KubeRay).
+    SIGTERM drains the node (its work is moved) before the agent stops; docs/AGENT.md.
     """
-    from agents.agent import Agent, AgentOptions
+    from agents.agent import Agent, AgentOptions, StopNow
     from agents.gpu import GpuReaderError, open_reader
 
     if head and ray_address:
@@ -232,6 +268,9 @@ def agent(
         ray_temp_dir=ray_temp_dir,
         heartbeat_interval_s=heartbeat_interval,
         checkpoint_root=checkpoint_root.resolve() if checkpoint_root else None,
+        spool_path=spool_path.resolve() if spool_path else None,
+        spool_max_bytes=spool_max_mb * 1024 * 1024,
+        drain_timeout_s=drain_timeout,
     )
     with ApiClient(server, token) as client:
         runner = Agent(
@@ -239,7 +278,7 @@ def agent(
             reader,
             options,
             site_client=lambda: ApiClient(server, token),
-            restore_signals=lambda: _stop_on_signals(runner.stop_event),
+            restore_signals=lambda: _drain_on_signals(runner.request_stop),
         )
         if once:
             registered = runner.register()
@@ -251,8 +290,8 @@ def agent(
             )
             reader.close()
             return
-        _stop_on_signals(runner.stop_event)
-        with contextlib.suppress(InterruptedError):
+        _drain_on_signals(runner.request_stop)
+        with contextlib.suppress(InterruptedError, StopNow):
             runner.run()
 
 

@@ -54,7 +54,7 @@ def model_create(
 def model_list(server: str, token: str) -> None:
     """List models and their versions."""
     with client_from(server, token) as api:
-        models = api.request("GET", "/v1/models")
+        models = api.list_all("/v1/models")
     rows = [
         [v["reference"], v["parent"] or "", v["created_at"][:19] + "Z"]
         for m in models
@@ -273,7 +273,7 @@ def _explain(e: dict[str, Any], fmt: str) -> None:
 def statements(period: str, server: str, token: str) -> None:
     """Every provider's statement total for a period, with its status."""
     with client_from(server, token) as api:
-        rows = api.request("GET", "/v1/statements", params={"period": period})
+        rows = api.list_all("/v1/statements", params={"period": period})
     click.echo(
         table(
             ["provider", "status", "total", "payable"],

@@ -110,13 +110,20 @@ def submit(
 @click.option(
     "--status", type=click.Choice(["pending", "running", "completed", "failed", "cancelled"])
 )
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many of the newest jobs to show.",
+)
+@click.option("--all", "show_all", is_flag=True, help="Show every job (overrides --limit).")
 @server_options
 @handle_errors
-def jobs(status: str | None, limit: int, server: str, token: str) -> None:
+def jobs(status: str | None, limit: int, show_all: bool, server: str, token: str) -> None:
     """List jobs, newest first."""
     with client_from(server, token) as api:
-        rows = api.jobs(status=status, limit=limit)
+        rows = api.jobs(status=status, limit=None if show_all else limit)
     click.echo(
         table(
             ["id", "name", "priority", "gang", "status", "attempts", "submitted", "reason"],
@@ -206,7 +213,14 @@ def cancel(job_id: int, server: str, token: str) -> None:
 
 
 @click.command()
-@click.option("--by", type=click.Choice(["provider"]), default="provider", show_default=True)
+@click.option(
+    "--by",
+    type=click.Choice(["provider", "allocation"]),
+    default="provider",
+    show_default=True,
+    help="allocation: one line per allocation, with its job, utilisation and energy from "
+    "the GPUs' evidence (to spot GPUs held idle).",
+)
 @click.option(
     "--start",
     type=WHEN,
@@ -226,16 +240,33 @@ def cancel(job_id: int, server: str, token: str) -> None:
 def usage(
     by: str, start: datetime | None, end: datetime | None, fmt: str, server: str, token: str
 ) -> None:
-    """GPU-hours per provider, commitment level and GPU model."""
+    """GPU-hours per provider, commitment level and GPU model, with the GPU-seconds the
+    GPUs' evidence shows idle (no compute process) or does not cover (unverified)."""
     with client_from(server, token) as api:
-        report = api.usage(start=start, end=end)
+        report = api.usage(start=start, end=end, by=by)
     if fmt == "json":
         click.echo(json.dumps(report.model_dump(mode="json"), indent=2))
         return
-    headers = ["provider", "level", "gpu_model", "gpu_seconds", "gpu_hours"]
-    rows = [
-        [r.provider, r.level.value, r.gpu_model, r.gpu_seconds, r.gpu_hours] for r in report.rows
+    headers = [
+        "provider",
+        "level",
+        "gpu_model",
+        "gpu_seconds",
+        "gpu_hours",
+        "idle_s",
+        "unverified_s",
     ]
+    if by == "allocation":
+        headers += ["allocation", "job", "util_pct", "energy_j"]
+    rows = []
+    for r in report.rows:
+        row: list[object] = [r.provider, r.level.value, r.gpu_model, r.gpu_seconds, r.gpu_hours]
+        row += [r.idle_gpu_seconds, r.unverified_gpu_seconds]
+        if by == "allocation":
+            energy = "" if r.energy_mj is None else r.energy_mj // 1000
+            util = "" if r.utilization_pct_avg is None else r.utilization_pct_avg
+            row += [r.allocation_id, r.job, util, energy]
+        rows.append(row)
     if fmt == "csv":
         sys.stdout.write(csv_text(headers, rows))
         return

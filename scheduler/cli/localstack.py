@@ -180,6 +180,10 @@ class LocalStack:
             str(ray_cpus),
             "--ray-temp-dir",
             str(ray_tmp),
+            # The stack stops as a whole (its server too): a stop marks the node draining
+            # if the server still answers, and does not wait for work to move.
+            "--drain-timeout",
+            "0",
         ]
         info = self.sites.get(site)
         if info is None:

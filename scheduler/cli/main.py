@@ -39,6 +39,7 @@ for command in (
     site_agent,
     admin.nodes,
     admin.node,
+    admin.gpu_conflicts,
     admin.server,
     admin.db,
     admin.token,

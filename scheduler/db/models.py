@@ -4,10 +4,14 @@ Invariants the rest of the code relies on:
 - Times are aware UTC (``UTCDateTime``); durations and usage are integer seconds.
 - ``Job.status`` and allocation start/end are written only by
   ``scheduler.services.transitions.transition_job``, in one transaction with the usage rows.
-- An allocation is open while ``ended_at`` is NULL; an open allocation holds its GPUs, and a
-  GPU is held by at most one open allocation.
+- An allocation is open while ``ended_at`` is NULL; an allocation holds its GPUs until its
+  ``released_at`` is set, and a GPU is held by at most one allocation: the hold is copied onto
+  ``AllocationGpu.released_at`` in the same transaction, and a partial unique index on
+  ``allocation_gpu (gpu_id) WHERE released_at IS NULL`` makes the database refuse a second
+  holder whatever the application does.
 - ``UsageInterval.key`` (allocation, GPU, interval start) is unique, so a retried write can
-  never count a GPU-second twice.
+  never count a GPU-second twice; and the usage rows of one GPU never overlap in time
+  (PostgreSQL: an exclusion constraint; SQLite: a trigger; migration 0006).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Index, LargeBinary, Text, UniqueConstraint, text
+from sqlalchemy.dialects.postgresql import ExcludeConstraint
 from sqlmodel import Field, SQLModel
 
 from scheduler.db.types import UTCDateTime, str_enum, utcnow
@@ -97,6 +102,16 @@ class Node(SQLModel, table=True):
     last_heartbeat_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), nullable=False
     )
+    cuda_driver_version: str | None = Field(default=None, max_length=16)
+    # Who set the status by hand ("admin" or "provider"): an admin's cordon or drain is
+    # lifted only by an admin.
+    status_set_by: str | None = Field(default=None, max_length=16)
+    # The agent's clock minus the server's at its last heartbeat, in milliseconds.
+    clock_skew_ms: int | None = Field(default=None, sa_type=BigInteger())
+    # Set while NVML itself fails on the node (driver gone, access lost): its GPUs are then
+    # unknown, which is not the same as lost.
+    gpu_source_error: str | None = Field(default=None, max_length=500)
+    retired_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
 
 
 class Gpu(SQLModel, table=True):
@@ -115,6 +130,55 @@ class Gpu(SQLModel, table=True):
     power_mw: int | None = Field(default=None, sa_type=BigInteger())
     energy_mj: int | None = Field(default=None, sa_type=BigInteger())
     sampled_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    process_count: int | None = None
+    throttle_reasons: str | None = Field(default=None, max_length=500)
+    compute_capability: str | None = Field(default=None, max_length=8)
+    pci_bus_id: str | None = Field(default=None, max_length=32)
+    serial: str | None = Field(default=None, max_length=64)
+    # A MIG-enabled GPU is recorded with its instances but takes no gang work.
+    mig_enabled: bool | None = None
+    mig_instances: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON())
+
+
+class GpuConflict(SQLModel, table=True):
+    """A GPU UUID that a second node (of another provider, or another node of the same one)
+    tried to register while the GPU is registered elsewhere. The GPU is never silently
+    reassigned: the registration is refused and an admin resolves the conflict."""
+
+    __tablename__ = "gpu_conflict"
+    __table_args__ = (UniqueConstraint("gpu_uuid", "claimant_node", "claimant_provider_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    gpu_uuid: str = Field(max_length=96, index=True)
+    owner_node_id: int = Field(foreign_key="node.id")
+    claimant_provider_id: int = Field(foreign_key="provider.id")
+    claimant_node: str = Field(max_length=63)
+    first_seen_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    attempts: int = Field(default=1, ge=1)
+    resolved_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
+    resolution: str | None = Field(default=None, max_length=500)
+
+
+class GpuEvidence(SQLModel, table=True):
+    """What one GPU did over one window [start_s, end_s), as its agent measured it: the
+    facts a usage row's evidence is drawn from. ``key`` (node, GPU, start_s) is unique, so
+    a spool that replays a window twice stores it once."""
+
+    __tablename__ = "gpu_evidence"
+    __table_args__ = (Index("ix_gpu_evidence_gpu_start", "gpu_id", "start_s"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200, unique=True)
+    node_id: int = Field(foreign_key="node.id", index=True)
+    gpu_id: int = Field(foreign_key="gpu.id")
+    start_s: int = Field(sa_type=BigInteger())
+    end_s: int = Field(sa_type=BigInteger())
+    samples: int = Field(ge=1)
+    utilization_pct_avg: int | None = None
+    energy_mj: int | None = Field(default=None, sa_type=BigInteger())
+    process_seen: bool | None = None
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
 
 
 class Job(SQLModel, table=True):
@@ -215,10 +279,23 @@ class CodePackage(SQLModel, table=True):
 class AllocationGpu(SQLModel, table=True):
     """Which GPU of which node serves which worker rank of an allocation, and the terms it
     serves under: the node's agreement and the GPU's model are fixed when the allocation
-    opens, so a later re-registration (new agreement, other level) never re-prices it."""
+    opens, so a later re-registration (new agreement, other level) never re-prices it.
+
+    ``released_at`` copies ``Allocation.released_at`` (``transitions.release_allocation``
+    writes both): while it is NULL the row holds its GPU, and the partial unique index
+    ``ux_allocation_gpu_held`` lets only one row hold a GPU at a time."""
 
     __tablename__ = "allocation_gpu"
-    __table_args__ = (UniqueConstraint("allocation_id", "gpu_id"),)
+    __table_args__ = (
+        UniqueConstraint("allocation_id", "gpu_id"),
+        Index(
+            "ux_allocation_gpu_held",
+            "gpu_id",
+            unique=True,
+            postgresql_where=text("released_at IS NULL"),
+            sqlite_where=text("released_at IS NULL"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     allocation_id: int = Field(foreign_key="allocation.id", index=True)
@@ -227,6 +304,7 @@ class AllocationGpu(SQLModel, table=True):
     gpu_id: int = Field(foreign_key="gpu.id", index=True)
     agreement_id: int = Field(foreign_key="agreement.id")
     gpu_model: str = Field(max_length=64)
+    released_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
 
 
 class UsageInterval(SQLModel, table=True):
@@ -240,6 +318,16 @@ class UsageInterval(SQLModel, table=True):
     __table_args__ = (
         Index("ix_usage_provider_time", "provider_id", "started_at"),
         Index("ix_usage_start_s", "start_s"),
+        # The rows of one GPU never overlap: PostgreSQL refuses it with this constraint;
+        # on SQLite a trigger (migration 0006) checks each insert against the row before
+        # it, found through ix_usage_gpu_start.
+        Index("ix_usage_gpu_start", "gpu_id", "start_s"),
+        ExcludeConstraint(
+            (text("gpu_id"), "="),
+            (text("int8range(start_s, end_s)"), "&&"),
+            name="ex_usage_gpu_time",
+            using="gist",
+        ).ddl_if(dialect="postgresql"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -264,6 +352,13 @@ class UsageInterval(SQLModel, table=True):
     # When the row reached the ledger: a statement counts the rows recorded up to its
     # cutoff, so an approved statement recomputes to the same lines ever after.
     recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
+    # Evidence from the GPU's agent over the row (annotations: filled in as evidence
+    # arrives, never changing the GPU-seconds): seconds of the row the evidence covers, the
+    # average utilisation, the energy used, whether any compute process was seen.
+    evidence_s: int = Field(default=0, ge=0, sa_column_kwargs={"server_default": "0"})
+    utilization_pct_avg: int | None = None
+    energy_mj: int | None = Field(default=None, sa_type=BigInteger())
+    process_seen: bool | None = None
 
 
 class JobLog(SQLModel, table=True):
@@ -289,6 +384,9 @@ class ApiToken(SQLModel, table=True):
     provider_id: int | None = Field(default=None, foreign_key="provider.id")
     token_hash: str = Field(max_length=64, unique=True)
     prefix: str = Field(max_length=16)
+    # A site's registration token: a provider token that registers and reports nodes of
+    # this one site only.
+    site_id: int | None = Field(default=None, foreign_key="site.id")
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime(), nullable=True)
 
@@ -396,3 +494,18 @@ class StatementAdjustment(SQLModel, table=True):
     created_by: str = Field(max_length=100)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime(), nullable=False)
     statement_id: int | None = Field(default=None, foreign_key="statement.id")
+
+
+class SchedulerLease(SQLModel, table=True):
+    """Which server process runs the scheduler loop (``scheduler/loop/leader.py``): one row
+    per loop. ``epoch`` grows by one at every acquisition and fences every write the loop
+    makes; the times are the database's clock, never a replica's."""
+
+    __tablename__ = "scheduler_lease"
+
+    name: str = Field(primary_key=True, max_length=63)
+    holder: str = Field(default="", max_length=255)  # hostname:pid:random; "" never held
+    epoch: int = Field(default=0, ge=0, sa_type=BigInteger())
+    acquired_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    renewed_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)
+    expires_at: datetime = Field(sa_type=UTCDateTime(), nullable=False)

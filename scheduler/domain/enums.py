@@ -47,6 +47,7 @@ class NodeStatus(StrEnum):
     draining = "draining"
     cordoned = "cordoned"
     lost = "lost"
+    retired = "retired"  # removed for good (`andromeda node remove`); its history is kept
 
 
 class GpuHealth(StrEnum):

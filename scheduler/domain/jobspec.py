@@ -18,6 +18,13 @@ NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_RUNTIME_S = 30 * 86400
+# Size limits of a spec (docs/OPERATIONS.md, Limits): a 422 names the field over them.
+MAX_ENTRYPOINT_CHARS = 10_000
+MAX_ENV_VARS = 100
+MAX_ENV_NAME_CHARS = 128
+MAX_ENV_VALUE_CHARS = 4096
+EnvName = Annotated[str, Field(max_length=MAX_ENV_NAME_CHARS)]
+EnvValue = Annotated[str, Field(max_length=MAX_ENV_VALUE_CHARS)]
 
 
 def parse_duration(value: int | str) -> int:
@@ -53,7 +60,7 @@ class JobSpec(CleanText):
         description="the registered model version this job trains, name:version "
         "(`andromeda model create`); revenue of that version is attributed to its GPU-hours",
     )
-    entrypoint: str = Field(min_length=1, max_length=10_000)
+    entrypoint: str = Field(min_length=1, max_length=MAX_ENTRYPOINT_CHARS)
     priority: PriorityClass = PriorityClass.normal
     preemptible: bool = True
     workers: int = Field(default=1, ge=1, le=1024)
@@ -75,7 +82,12 @@ class JobSpec(CleanText):
         "baked into their image); without it or a package, the workers start in a scratch "
         "directory",
     )
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[EnvName, EnvValue] = Field(
+        default_factory=dict,
+        max_length=MAX_ENV_VARS,
+        description=f"environment variables of the workers: at most {MAX_ENV_VARS}, names of "
+        f"up to {MAX_ENV_NAME_CHARS} characters, values of up to {MAX_ENV_VALUE_CHARS}",
+    )
     checkpoint: str | None = Field(
         default=None,
         max_length=1000,

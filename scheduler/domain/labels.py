@@ -11,7 +11,16 @@ NODE_LABEL = "andromeda.io/node"
 PROVIDER_LABEL = "andromeda.io/provider"
 SITE_LABEL = "andromeda.io/site"
 LEVEL_LABEL = "andromeda.io/level"
+GPU_MODEL_LABEL = "andromeda.io/gpu-model"
 
 
-def node_labels(*, node: str, provider: str, site: str, level: str) -> dict[str, str]:
-    return {NODE_LABEL: node, PROVIDER_LABEL: provider, SITE_LABEL: site, LEVEL_LABEL: level}
+def node_labels(
+    *, node: str, provider: str, site: str, level: str, gpu_models: list[str] | None = None
+) -> dict[str, str]:
+    """The labels of a node's Ray node. ``gpu_models`` are its GPUs' canonical models: the
+    label is that model, or ``mixed`` for a host with several."""
+    labels = {NODE_LABEL: node, PROVIDER_LABEL: provider, SITE_LABEL: site, LEVEL_LABEL: level}
+    models = sorted(set(gpu_models or ()))
+    if models:
+        labels[GPU_MODEL_LABEL] = models[0] if len(models) == 1 else "mixed"
+    return labels

@@ -17,27 +17,46 @@ assignments changed. A cycle, in order:
      notice is asked to stop (``provider_reclaim``), with the notice left as its grace.
   3. Decide: queue + capacity + running and stopping work + each provider's commitment
      so far -> the pure policy; its decision is validated before anything is written.
-  4. Persist: open each placement's allocation (``transition_job``); ask each
-     preemption's victims to stop with their grace period (``request_stop``: they keep
-     their GPUs until their site reports them stopped, then their jobs are requeued and
-     resume from their checkpoints); give jobs left waiting the policy's reason; wake the
-     long polls of every site whose assignments changed.
+  4. Persist: open each placement's allocation (``start_jobs``: all of the cycle's
+     placements in one transaction, checked and written as ``transition_job`` does one);
+     ask each preemption's victims to stop with their grace period (``request_stop``: they
+     keep their GPUs until their site reports them stopped, then their jobs are requeued
+     and resume from their checkpoints); give jobs left waiting the policy's reason (one
+     UPDATE, of the reasons that changed); wake the long polls of every site whose
+     assignments changed.
 
 Each item is handled on its own: one that raises is logged and skipped, and the rest of
-the cycle goes on. A cycle is also run at once when something changes that can let work
-start (a submit, a cancel, a finished job, a node or site coming up): ``wake()``.
+the cycle goes on (a placement that came too late is left out of the batch; a batch the
+database refuses as a whole is retried one placement per transaction). At fleet scale the
+snapshot and the write-back are a fixed number of queries whatever the fleet's size (the
+snapshot, ``snapshot.py``, reads a row per node, allocation and queued job, and keeps what
+does not change between cycles); timeouts, lost nodes, reclaims and preemptions, which are
+few, still take a transaction each. ``CycleReport.timings`` says where the time went
+(``bench/bench_cycle.py``). A cycle is also run at once when something changes that
+can let work start (a submit, a cancel, a finished job, a node or site coming up):
+``wake()``.
+
+With several server processes on one database only the holder of the scheduler lease runs
+cycles (``scheduler/loop/leader.py``), and every transaction the cycle writes in
+(``Scheduler._transaction``) first passes the lease's fence, inside that transaction: a
+leader that lost the lease (paused, cut off) writes nothing more, and stands by.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from sqlalchemy import false, func, or_
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from scheduler.db.engine import session_scope
@@ -47,6 +66,7 @@ from scheduler.domain.enums import EndReason, JobStatus
 from scheduler.domain.periods import Grain, period_of
 from scheduler.errors import Conflict
 from scheduler.loop import snapshot
+from scheduler.loop.leader import LeaderLease, LeaseLost
 from scheduler.policy import (
     InvalidDecision,
     Placement,
@@ -56,12 +76,82 @@ from scheduler.policy import (
     schedule,
     validate,
 )
+from scheduler.services.jobs import write_pending_reasons
 from scheduler.services.ledger import meter_running
 from scheduler.services.nodes import mark_lost_nodes
 from scheduler.services.sites import give_up_after_attempts
-from scheduler.services.transitions import PlacementRecord, request_stop, transition_job
+from scheduler.services.transitions import (
+    PlacementRecord,
+    request_stop,
+    start_jobs,
+    transition_job,
+)
 
 log = logging.getLogger(__name__)
+
+FEW_RUNTIMES = 100  # distinct max_runtimes the timeout check compares in SQL, one cutoff each
+
+
+@dataclass
+class CycleTimings:
+    """Wall seconds of each step of one cycle (``time.perf_counter``): what the cycle spends
+    around the policy (reading the snapshot, writing decisions back) against the policy's
+    own time. A step the cycle did not reach stays 0."""
+
+    liveness_s: float = 0.0
+    timeouts_s: float = 0.0
+    agreements_s: float = 0.0
+    meter_s: float = 0.0  # the ledger tick, when it was due
+    snapshot_s: float = 0.0  # queue, capacity, running work, providers' commitments
+    policy_s: float = 0.0
+    validate_s: float = 0.0
+    placements_s: float = 0.0
+    preemptions_s: float = 0.0
+    pending_s: float = 0.0  # the pending reasons written back
+
+    @property
+    def write_s(self) -> float:
+        return self.placements_s + self.preemptions_s + self.pending_s
+
+    @property
+    def total_s(self) -> float:
+        return (
+            self.liveness_s
+            + self.timeouts_s
+            + self.agreements_s
+            + self.meter_s
+            + self.snapshot_s
+            + self.policy_s
+            + self.validate_s
+            + self.write_s
+        )
+
+
+@contextmanager
+def _timed(timings: CycleTimings, name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings.<name>``, even when it raises."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        setattr(timings, name, getattr(timings, name) + time.perf_counter() - t0)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector walks every live object each time it runs, and a
+    cycle at fleet scale allocates hundreds of thousands of short-lived objects (rows,
+    views, the policy's state), which set it off again and again: about a quarter of the
+    cycle's own time at 10,000 nodes. Most of them are in no reference cycle and are freed by
+    reference counting as usual; the collector is paused for the cycle and takes the rest
+    after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -77,7 +167,9 @@ class CycleReport:
     pending: dict[int, str] = field(default_factory=dict)
     liveness_grace: bool = False  # nodes were not judged: the control plane just came back
     metered_rows: int = 0  # usage rows the ledger tick wrote
+    reasons_written: int = 0  # pending reasons that changed and were written back
     errors: int = 0  # items skipped because their step raised (logged with a traceback)
+    timings: CycleTimings = field(default_factory=CycleTimings)
 
 
 class Scheduler:
@@ -92,8 +184,10 @@ class Scheduler:
         on_assignments: Callable[[set[int]], None] | None = None,
         grain: Grain = Grain.month,
         ledger_tick_s: int = 3600,
+        lease: LeaderLease | None = None,
     ) -> None:
         self.engine = engine
+        self.lease = lease  # None: this process is the only one (tests, one-off runs)
         self.node_lost_after_s = node_lost_after_s
         # A node takes new work only with a heartbeat this recent: two missed beats are
         # enough to stop placing on it, long before it is declared lost.
@@ -105,25 +199,53 @@ class Scheduler:
         self.grain = grain
         self.ledger_tick_s = ledger_tick_s
         self._metered_at: datetime | None = None
+        self._snapshot = snapshot.SnapshotCache()  # what one cycle's snapshot gives the next
+
+    def begin_term(self) -> None:
+        """This process has just taken the lease: it judges nothing by an earlier term's
+        view. Nodes get ``node_lost_after_s`` to report, as after a restart, and the ledger
+        tick runs in the first cycle."""
+        self._healthy_since = None
+        self._metered_at = None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """One loop write: a transaction that commits on success, and that with a lease
+        first passes its fence, so that it commits only while this process leads. The
+        lease is renewed here when due, so that a long cycle does not outlive it."""
+        lease = self.lease
+        if lease is not None and not lease.keep():
+            raise LeaseLost("this server no longer holds the scheduler lease")
+        with session_scope(self.engine) as session:
+            if lease is not None:
+                lease.fence(session)
+            yield session
 
     def run_cycle(self) -> CycleReport:
         report = CycleReport()
+        timings = report.timings
         try:
-            self._liveness(report)
-            self._timeouts(report)
-            self._agreements_ending(report)
-            self._meter(report)
-            self._decide_and_start(report)
+            with _collector_paused():
+                with _timed(timings, "liveness_s"):
+                    self._liveness(report)
+                with _timed(timings, "timeouts_s"):
+                    self._timeouts(report)
+                with _timed(timings, "agreements_s"):
+                    self._agreements_ending(report)
+                with _timed(timings, "meter_s"):
+                    self._meter(report)
+                self._decide_and_start(report)
         except DBAPIError:
             # The database is away: when it is back, give nodes the time to report again.
             self._healthy_since = None
             raise
+        log.debug("cycle: %.3fs in all; %s", timings.total_s, timings)
         return report
 
     # 1. liveness ----------------------------------------------------------------------------
     def _liveness(self, report: CycleReport) -> None:
         now = self.clock()
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             session.exec(select(Node.id).limit(1)).all()  # reach the database first
             if self._healthy_since is None:
                 self._healthy_since = now
@@ -164,7 +286,7 @@ class Scheduler:
     ) -> None:
         """Requeue a job whose node went silent, billed up to that node's last heartbeat."""
         now = self.clock()
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             to, error_text = give_up_after_attempts(
                 session,
                 job_id=job_id,
@@ -213,23 +335,41 @@ class Scheduler:
 
     # 2. timeouts ------------------------------------------------------------------------------
     def _timeouts(self, report: CycleReport) -> None:
+        """Open allocations past their job's ``max_runtime``. Jobs have few distinct runtimes,
+        so the database finds those past each one (a cutoff per runtime, compared in SQL)
+        and only they are read; with very many distinct runtimes, every open allocation
+        with one is read and compared here."""
         now = self.clock()
+        began = func.coalesce(col(Allocation.running_at), col(Allocation.started_at))
+        is_open = (col(Allocation.ended_at).is_(None), col(Job.max_runtime_s).is_not(None))
+        stmt = sa_select(
+            col(Allocation.id), col(Allocation.job_id), began, col(Job.max_runtime_s)
+        ).join(Job, col(Job.id) == col(Allocation.job_id))
         with Session(self.engine) as session:
-            rows = session.exec(
-                select(Allocation, Job)
-                .join(Job, col(Job.id) == col(Allocation.job_id))
-                .where(col(Allocation.ended_at).is_(None), col(Job.max_runtime_s).is_not(None))
+            runtimes = session.exec(
+                select(col(Job.max_runtime_s))
+                .join(Allocation, col(Allocation.job_id) == col(Job.id))
+                .where(*is_open)
+                .distinct()
             ).all()
-        for alloc, job in rows:
-            assert alloc.id is not None and job.id is not None and job.max_runtime_s
-            began = alloc.running_at or alloc.started_at
-            if now - began > timedelta(seconds=job.max_runtime_s):
-                self._guarded(self._time_out, alloc.id, job.id, job.max_runtime_s, report=report)
+            if len(runtimes) <= FEW_RUNTIMES:
+                past = [
+                    (col(Job.max_runtime_s) == r) & (began < now - timedelta(seconds=r))
+                    for r in runtimes
+                    if r is not None
+                ]
+                stmt = stmt.where(*is_open, or_(false(), *past))
+            else:
+                stmt = stmt.where(*is_open)
+            rows = session.execute(stmt).all()
+        for alloc_id, job_id, since, max_runtime_s in rows:
+            if now - since > timedelta(seconds=max_runtime_s):
+                self._guarded(self._time_out, alloc_id, job_id, max_runtime_s, report=report)
 
     def _time_out(
         self, alloc_id: int, job_id: int, max_runtime_s: int, *, report: CycleReport
     ) -> None:
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             site_id = self._transition(
                 session,
                 alloc_id,
@@ -246,29 +386,42 @@ class Scheduler:
     def _agreements_ending(self, report: CycleReport) -> None:
         """Work on a node whose agreement ends within its reclaim notice is moved now."""
         now = self.clock()
-        with session_scope(self.engine) as session:
-            rows = session.exec(
-                select(Allocation, Agreement)
+        with Session(self.engine) as session:  # the agreements due: few, and mostly none
+            due = [
+                agreement_id
+                for agreement_id, ends_at, notice_s in session.execute(
+                    sa_select(
+                        col(Agreement.id), col(Agreement.ends_at), col(Agreement.reclaim_notice_s)
+                    ).where(col(Agreement.ends_at).is_not(None))
+                )
+                if ends_at - timedelta(seconds=notice_s) <= now
+            ]
+        if not due:
+            return
+        with self._transaction() as session:
+            # (allocation, end) once per due agreement its nodes are on, the earliest first
+            rows = session.execute(
+                sa_select(col(Allocation.id), col(Agreement.ends_at))
                 .join(AllocationGpu, col(AllocationGpu.allocation_id) == col(Allocation.id))
                 .join(Node, col(Node.id) == col(AllocationGpu.node_id))
                 .join(Agreement, col(Agreement.id) == col(Node.agreement_id))
                 .where(
                     col(Allocation.ended_at).is_(None),
                     col(Allocation.stop_requested_at).is_(None),
-                    col(Agreement.ends_at).is_not(None),
+                    col(Agreement.id).in_(due),
                 )
+                .distinct()
+                .order_by(col(Allocation.id), col(Agreement.ends_at))
             ).all()
             sites: set[int] = set()
-            for alloc, agreement in rows:
-                assert agreement.ends_at is not None
-                if agreement.ends_at - timedelta(seconds=agreement.reclaim_notice_s) > now:
-                    continue
-                if request_stop(
+            for alloc_id, ends_at in rows:
+                alloc = session.get(Allocation, alloc_id)
+                if alloc is not None and request_stop(
                     session,
                     alloc=alloc,
                     reason=EndReason.provider_reclaim,
                     now=now,
-                    deadline=agreement.ends_at,
+                    deadline=ends_at,
                 ):
                     sites.add(alloc.site_id)
                     report.reclaimed.append(alloc.job_id)
@@ -286,7 +439,7 @@ class Scheduler:
         )
         if not due:
             return
-        with session_scope(self.engine) as session:
+        with self._transaction() as session:
             metered = meter_running(session, now=now, grain=self.grain)
         self._metered_at = now
         report.metered_rows = metered.rows
@@ -297,7 +450,7 @@ class Scheduler:
         item's fault: it ends the cycle."""
         try:
             step(*args, report=report)
-        except DBAPIError:
+        except (DBAPIError, LeaseLost):
             raise
         except Exception:
             log.exception("scheduler: %s%r failed; skipped this cycle", step.__name__, args)
@@ -307,8 +460,9 @@ class Scheduler:
     def _decide_and_start(self, report: CycleReport) -> None:
         now = self.clock()
         now_s = int(now.timestamp())
-        with Session(self.engine) as session:
-            queue = snapshot.queue(session)
+        timings = report.timings
+        with _timed(timings, "snapshot_s"), Session(self.engine) as session:
+            queue = snapshot.queue(session, self._snapshot)
             if not queue:
                 return
             nodes = snapshot.capacity(
@@ -316,35 +470,73 @@ class Scheduler:
                 now=now,
                 fresh_within_s=self.fresh_within_s,
                 site_fresh_within_s=self.node_lost_after_s,
+                cache=self._snapshot,
             )
-            running = snapshot.running(session)
+            running = snapshot.running(session, self._snapshot)
             providers = snapshot.providers(session, now=now, grain=self.grain)
-        decision = self.policy(queue, nodes, running, now_s=now_s, providers=providers)
+        with _timed(timings, "policy_s"):
+            decision = self.policy(queue, nodes, running, now_s=now_s, providers=providers)
         try:
-            validate(decision, queue, nodes, running, now_s=now_s)
+            with _timed(timings, "validate_s"):
+                validate(decision, queue, nodes, running, now_s=now_s)
         except InvalidDecision as exc:  # a policy bug: act on nothing, say what it was
             log.error("scheduler: the policy's decision is invalid, not applied: %s", exc)
             report.errors += 1
             return
-        for placement in decision.placements:
-            self._guarded(self._start, placement, report=report)
-        for preemption in decision.preemptions:
-            self._guarded(self._preempt, preemption, running, now_s, report=report)
+        with _timed(timings, "placements_s"):
+            self._start_all(decision.placements, report=report)
+        with _timed(timings, "preemptions_s"):
+            for preemption in decision.preemptions:
+                self._guarded(self._preempt, preemption, running, now_s, report=report)
         if decision.pending:
-            with session_scope(self.engine) as session:
-                for job_id, reason in decision.pending.items():
-                    job = session.get(Job, job_id)
-                    if job and job.status == JobStatus.pending and job.pending_reason != reason:
-                        job.pending_reason = reason[:1000]
-                        session.add(job)
+            with _timed(timings, "pending_s"):
+                report.reasons_written = self._write_reasons(decision.pending)
         report.pending = dict(decision.pending)
+
+    def _write_reasons(self, pending: dict[int, str]) -> int:
+        """Each job left waiting gets the policy's reason, where it changed (one batched
+        UPDATE); how many were written."""
+        with self._transaction() as session:
+            return write_pending_reasons(session, reasons=pending)
+
+    def _start_all(self, placements: list[Placement], *, report: CycleReport) -> None:
+        """Open every placement's allocation in one transaction (``start_jobs``: checked
+        and written as ``transition_job`` does one at a time). A placement that came too
+        late (its job cancelled, a GPU taken) is left for the next cycle, as ``_start``
+        leaves it; when the database refuses the batch as a whole (another writer took a GPU
+        meanwhile), each placement is started on its own instead."""
+        if not placements:
+            return
+        starts = [
+            (
+                p.job_id,
+                PlacementRecord(provider_id=p.provider_id, site_id=p.site_id, workers=p.workers),
+            )
+            for p in placements
+        ]
+        try:
+            with self._transaction() as session:
+                batch = start_jobs(session, starts=starts, now=self.clock())
+        except IntegrityError as exc:
+            log.info("placements: the database refused the batch (%s); one by one", exc.orig)
+            for placement in placements:
+                self._guarded(self._start, placement, report=report)
+            return
+        for job_id, why in batch.refused.items():  # cancelled since the snapshot, ...
+            log.info("job %s not started: %s", job_id, why)
+        for job_id, why in batch.invalid.items():
+            log.error("scheduler: job %s not started: %s; skipped this cycle", job_id, why)
+            report.errors += 1
+        report.started.extend(job_id for job_id, _ in batch.started)
+        if batch.started:
+            self.on_assignments({site_id for _, site_id in batch.started})
 
     def _start(self, placement: Placement, *, report: CycleReport) -> None:
         record = PlacementRecord(
             provider_id=placement.provider_id, site_id=placement.site_id, workers=placement.workers
         )
         try:
-            with session_scope(self.engine) as session:
+            with self._transaction() as session:
                 transition_job(
                     session,
                     job_id=placement.job_id,
@@ -372,7 +564,7 @@ class Scheduler:
         now = self.clock()
         deadline = now + timedelta(seconds=preemption.deadline_s - decided_s)  # the full grace
         try:
-            with session_scope(self.engine) as session:
+            with self._transaction() as session:
                 for alloc_id in preemption.victims:
                     alloc = session.get(Allocation, alloc_id)
                     if alloc is None or not request_stop(
@@ -399,7 +591,12 @@ class Scheduler:
 
 class SchedulerThread(threading.Thread):
     """Runs ``Scheduler.run_cycle`` every ``interval_s``, and at once after ``wake()``,
-    until ``stop()``; one per server."""
+    until ``stop()``; one per server.
+
+    With a lease (``scheduler.lease``) it runs cycles only while this process leads,
+    renewing the lease between cycles when due; otherwise it stands by and tries to take
+    the lease when a try is due, and ``wake()`` is ignored (the leader, in another process,
+    runs its cycles anyway). On its way out it releases the lease."""
 
     def __init__(self, scheduler: Scheduler, interval_s: float) -> None:
         super().__init__(name="andromeda-scheduler", daemon=True)
@@ -408,37 +605,69 @@ class SchedulerThread(threading.Thread):
         self._stop_event = threading.Event()
         self._wake = threading.Event()
         self.cycles = 0
+        self._term: int | None = None  # the lease epoch of the term we run cycles for
 
     def wake(self) -> None:
         self._wake.set()
 
     def run(self) -> None:
         log.info("scheduler loop started (every %.1fs, and on every change)", self.interval_s)
+        lease = self.scheduler.lease
+        next_cycle = 0.0  # monotonic
         while not self._stop_event.is_set():
-            self._wake.clear()
-            try:
-                report = self.scheduler.run_cycle()
-                if (
-                    report.started
-                    or report.finished
-                    or report.requeued
-                    or report.lost_nodes
-                    or report.preempted
-                ):
-                    log.info(
-                        "cycle: started %s finished %s requeued %s preempting %s lost nodes %s",
-                        report.started,
-                        report.finished,
-                        report.requeued,
-                        report.preempted,
-                        report.lost_nodes,
-                    )
-            except DBAPIError as exc:
-                log.warning("scheduling cycle: database unavailable (%s); retrying", exc.orig)
-            except Exception:
-                log.exception("scheduling cycle failed; retrying next interval")
-            self.cycles += 1
-            self._wake.wait(self.interval_s)
+            if lease is not None and not self._lead(lease):
+                self._stop_event.wait(max(0.05, lease.retry_in_s()))  # standby
+                continue
+            if self._wake.is_set() or time.monotonic() >= next_cycle:
+                self._wake.clear()
+                self._cycle()
+                next_cycle = time.monotonic() + self.interval_s
+            wait = next_cycle - time.monotonic()
+            if lease is not None and lease.leading:
+                wait = min(wait, lease.renew_in_s())
+            self._wake.wait(max(0.0, wait))
+        if lease is not None:
+            lease.release()
+
+    def _lead(self, lease: LeaderLease) -> bool:
+        """Whether this process leads (renewing or taking the lease when due); a new term
+        starts with a cycle at once."""
+        try:
+            leading = lease.hold()
+        except Exception:
+            log.exception("scheduler lease: the try failed; trying again later")
+            return False
+        if leading and lease.epoch != self._term:
+            self._term = lease.epoch
+            self.scheduler.begin_term()
+            self._wake.set()
+        return leading
+
+    def _cycle(self) -> None:
+        try:
+            report = self.scheduler.run_cycle()
+            if (
+                report.started
+                or report.finished
+                or report.requeued
+                or report.lost_nodes
+                or report.preempted
+            ):
+                log.info(
+                    "cycle: started %s finished %s requeued %s preempting %s lost nodes %s",
+                    report.started,
+                    report.finished,
+                    report.requeued,
+                    report.preempted,
+                    report.lost_nodes,
+                )
+        except LeaseLost as exc:
+            log.warning("scheduling cycle stopped and rolled back: %s", exc)
+        except DBAPIError as exc:
+            log.warning("scheduling cycle: database unavailable (%s); retrying", exc.orig)
+        except Exception:
+            log.exception("scheduling cycle failed; retrying next interval")
+        self.cycles += 1
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop_event.set()

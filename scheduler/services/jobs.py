@@ -6,10 +6,13 @@ the allocation closed in its assignments and stops the workers, so the API never
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Literal
 
-from sqlmodel import Session, col, func, select
+from sqlalchemy import JSON, Integer, Text, bindparam, cast, column
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, col, func, select, update
 
 from scheduler.attribution import lineage
 from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider, Site
@@ -83,17 +86,34 @@ def _check_against_fleet(
 
     Three checks, each naming what the fleet does have: the GPU model (``allow_unknown_model``
     skips it, for a model about to join), GPUs per worker against the largest matching node,
-    and the whole gang against the largest matching site (``allow_oversize`` skips it)."""
-    rows = session.exec(
-        select(col(Node.site_id), col(Gpu.model), col(Gpu.memory_bytes), func.count(col(Gpu.id)))
+    and the whole gang against the largest matching site (``allow_oversize`` skips it).
+
+    The database does the counting, in one pass over the GPUs: how many nodes of each
+    site have how many GPUs of each kind (model, memory). That is a few rows per site, not
+    one per node, and every check follows from them."""
+    per_node = (
+        select(
+            col(Node.site_id).label("site_id"),
+            col(Gpu.model).label("model"),
+            col(Gpu.memory_bytes).label("memory"),
+            func.count(col(Gpu.id)).label("gpus"),
+        )
         .join(Gpu, col(Gpu.node_id) == col(Node.id))
         .group_by(col(Node.id), col(Node.site_id), col(Gpu.model), col(Gpu.memory_bytes))
-    ).all()
+        .subquery("per_node")
+    )
+    shape = (per_node.c.site_id, per_node.c.model, per_node.c.memory, per_node.c.gpus)
+    rows = session.execute(sa_select(*shape, func.count()).group_by(*shape)).all()
     if not rows:
         return
     request = _request_of(spec)
-    models = sorted({model for _, model, _, _ in rows})
-    matching = [r for r in rows if node_matches(request, r[1], r[2])]
+    models = sorted({model for _, model, _, _, _ in rows})
+    fits: dict[tuple[str, int], bool] = {}
+    for _, model, memory, _, _ in rows:
+        if (model, memory) not in fits:
+            fits[(model, memory)] = node_matches(request, model, memory)
+    # (site, GPUs of one kind on one node, nodes with that many)
+    matching = [(site, gpus, nodes) for site, m, mem, gpus, nodes in rows if fits[(m, mem)]]
     if spec.gpu.model and not any(model_matches(spec.gpu.model, m) for m in models):
         if allow_unknown_model:
             return
@@ -110,16 +130,16 @@ def _check_against_fleet(
             "gpu",
             f"no node of the fleet has {describe_constraint(request)} (it has {', '.join(models)})",
         )
-    largest = max(count for *_, count in matching)
+    largest = max(gpus for _, gpus, _ in matching)
     if spec.gpus_per_worker > largest:
         raise ValidationFailed(
             "gpus_per_worker",
             f"{spec.gpus_per_worker} GPUs per worker, but the largest node has {largest}",
         )
-    per_group: dict[int, int] = {}
-    for site, _model, _mem, count in matching:
-        per_group[site] = per_group.get(site, 0) + count // spec.gpus_per_worker
-    best = max(per_group.values())
+    per_site: dict[int, int] = {}
+    for site, gpus, nodes in matching:  # a worker's GPUs are on one node, of one kind
+        per_site[site] = per_site.get(site, 0) + nodes * (gpus // spec.gpus_per_worker)
+    best = max(per_site.values())
     if spec.workers > best and not allow_oversize:
         raise ValidationFailed(
             "workers",
@@ -149,10 +169,19 @@ def get_job(session: Session, *, job_id: int) -> Job:
     return job
 
 
-def list_jobs(session: Session, *, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
+def list_jobs(
+    session: Session,
+    *,
+    status: JobStatus | None = None,
+    limit: int = 100,
+    before: int | None = None,
+) -> list[Job]:
+    """Up to ``limit`` jobs, newest first; with ``before``, those older than that job id."""
     stmt = select(Job).order_by(col(Job.id).desc()).limit(limit)
     if status is not None:
         stmt = stmt.where(Job.status == status)
+    if before is not None:
+        stmt = stmt.where(col(Job.id) < before)
     return list(session.exec(stmt))
 
 
@@ -166,6 +195,48 @@ def cancel_job(session: Session, *, job_id: int, now: datetime, grain: Grain = G
         expect=(JobStatus.pending, JobStatus.running),
         grain=grain,
     )
+
+
+def write_pending_reasons(session: Session, *, reasons: dict[int, str]) -> int:
+    """Give each job that is still pending its reason (cut to the column's 1,000
+    characters), where it differs from the one it has; returns how many changed. A job
+    started or cancelled meanwhile keeps what it has. The comparison is the database's, in
+    the UPDATE itself: on PostgreSQL one statement for them all (the reasons travel as one
+    JSON document, which costs the driver far less than an array of strings), elsewhere one
+    executemany."""
+    if not reasons:
+        return 0
+    ids = list(reasons)
+    texts = [reasons[job_id][:1000] for job_id in ids]
+    still_pending = col(Job.status) == JobStatus.pending
+    if session.get_bind().dialect.name == "postgresql":
+        document = json.dumps([{"job_id": i, "reason": t} for i, t in zip(ids, texts, strict=True)])
+        new = (
+            func.json_to_recordset(cast(bindparam(None, document, Text), JSON))
+            .table_valued(column("job_id", Integer), column("reason", Text))
+            .render_derived(with_types=True)
+        )
+        stmt = (
+            update(Job)
+            .where(
+                col(Job.id) == new.c.job_id,
+                still_pending,
+                col(Job.pending_reason).is_distinct_from(new.c.reason),
+            )
+            .values(pending_reason=new.c.reason)
+        )
+        return int(session.connection().execute(stmt).rowcount)
+    stmt = (
+        update(Job)
+        .where(
+            col(Job.id) == bindparam("job_id"),
+            still_pending,
+            col(Job.pending_reason).is_distinct_from(bindparam("reason")),
+        )
+        .values(pending_reason=bindparam("reason"))
+    )
+    rows = [{"job_id": job_id, "reason": text} for job_id, text in zip(ids, texts, strict=True)]
+    return int(session.connection().execute(stmt, rows).rowcount)
 
 
 def job_public(job: Job) -> JobPublic:

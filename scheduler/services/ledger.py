@@ -63,38 +63,72 @@ def write_usage(
     ).all()
     written = 0
     for a, b in split(start, until, grain):
-        start_s, end_s = floor_s(a), floor_s(b)
-        if end_s <= start_s:
-            continue  # less than a whole second: it lands in the next piece's floor
         for ag, gpu, agreement in terms:
-            assert gpu.id is not None and agreement.id is not None
-            session.add(
-                UsageInterval(
-                    key=f"{alloc.id}:{gpu.uuid}:{start_s}",
-                    allocation_id=alloc.id,
-                    job_id=alloc.job_id,
-                    # Terms come from the allocation, fixed when it opened: a later
-                    # re-registration never re-prices the past.
-                    provider_id=agreement.provider_id,
-                    site_id=alloc.site_id,
-                    agreement_id=agreement.id,
-                    node_id=ag.node_id,
-                    gpu_id=gpu.id,
-                    gpu_uuid=gpu.uuid,
-                    gpu_model=ag.gpu_model,
-                    level=agreement.level,
-                    started_at=a,
-                    ended_at=b,
-                    start_s=start_s,
-                    end_s=end_s,
-                    gpu_seconds=end_s - start_s,
-                    recorded_at=now,
-                )
-            )
-            written += 1
+            written += _add_row(session, alloc, ag, gpu, agreement, a, b, now)
     alloc.metered_until = until
     session.add(alloc)
     return written
+
+
+def write_gpu_usage(
+    session: Session,
+    alloc: Allocation,
+    term: tuple[AllocationGpu, Gpu, Agreement],
+    *,
+    start: datetime,
+    until: datetime,
+    grain: Grain,
+    now: datetime,
+) -> int:
+    """Rows for one GPU of an allocation over [start, until), by the same keys as
+    :func:`write_usage`. Used to give back the time a lost node's evidence proves its GPUs
+    were held (``scheduler.services.evidence``); ``metered_until`` is the allocation's and
+    does not move."""
+    ag, gpu, agreement = term
+    return sum(
+        _add_row(session, alloc, ag, gpu, agreement, a, b, now)
+        for a, b in split(start, until, grain)
+    )
+
+
+def _add_row(
+    session: Session,
+    alloc: Allocation,
+    ag: AllocationGpu,
+    gpu: Gpu,
+    agreement: Agreement,
+    a: datetime,
+    b: datetime,
+    now: datetime,
+) -> int:
+    start_s, end_s = floor_s(a), floor_s(b)
+    if end_s <= start_s:
+        return 0  # less than a whole second: it lands in the next piece's floor
+    assert alloc.id is not None and gpu.id is not None and agreement.id is not None
+    session.add(
+        UsageInterval(
+            key=f"{alloc.id}:{gpu.uuid}:{start_s}",
+            allocation_id=alloc.id,
+            job_id=alloc.job_id,
+            # Terms come from the allocation, fixed when it opened: a later re-registration
+            # never re-prices the past.
+            provider_id=agreement.provider_id,
+            site_id=alloc.site_id,
+            agreement_id=agreement.id,
+            node_id=ag.node_id,
+            gpu_id=gpu.id,
+            gpu_uuid=gpu.uuid,
+            gpu_model=ag.gpu_model,
+            level=agreement.level,
+            started_at=a,
+            ended_at=b,
+            start_s=start_s,
+            end_s=end_s,
+            gpu_seconds=end_s - start_s,
+            recorded_at=now,
+        )
+    )
+    return 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +148,30 @@ def meter_running(session: Session, *, now: datetime, grain: Grain) -> MeterRepo
         .group_by(col(Allocation.id))
     ).all()
     allocations = rows = 0
+    written_ids: list[int] = []
+    lo_s = hi_s = None
     for alloc, last_heartbeat in cuts:
         evidence = min(now, last_heartbeat) if last_heartbeat is not None else now
         until = at_second(floor_s(evidence))
+        start = alloc.metered_until or alloc.running_at
         written = write_usage(session, alloc, until=until, grain=grain, now=now)
         if written:
             allocations += 1
             rows += written
+            assert alloc.id is not None and start is not None
+            written_ids.append(alloc.id)
+            lo_s = min(lo_s or floor_s(start), floor_s(start))
+            hi_s = max(hi_s or floor_s(until), floor_s(until))
     session.flush()
+    if written_ids and lo_s is not None and hi_s is not None:
+        # Evidence that arrived before these rows: annotate them now (later evidence
+        # annotates them as it arrives). Imported here: evidence builds on this module.
+        from scheduler.services.evidence import annotate_usage
+
+        gpu_ids = session.exec(
+            select(AllocationGpu.gpu_id).where(col(AllocationGpu.allocation_id).in_(written_ids))
+        ).all()
+        annotate_usage(session, gpu_ids=gpu_ids, lo_s=lo_s, hi_s=hi_s)
     return MeterReport(allocations, rows)
 
 

@@ -9,34 +9,88 @@ back to ``ready``.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
-from scheduler.db.models import Agreement, Allocation, AllocationGpu, Gpu, Node, Provider, Site
+from scheduler.db.models import (
+    Agreement,
+    Allocation,
+    AllocationGpu,
+    Gpu,
+    GpuConflict,
+    Node,
+    Provider,
+    Site,
+)
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import EndReason, GpuHealth, NodeStatus
 from scheduler.domain.gpu_models import canonical_model
-from scheduler.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from scheduler.schemas import GpuPublic, Heartbeat, NodePublic, NodeRegister
+from scheduler.domain.periods import Grain
+from scheduler.errors import AndromedaError, Conflict, Forbidden, NotFound, ValidationFailed
+from scheduler.schemas import EvidenceWindow, GpuPublic, Heartbeat, NodePublic, NodeRegister
 from scheduler.services.providers import active_agreement
 from scheduler.services.sites import site_for_node
+from scheduler.services.tokens import Principal
 from scheduler.services.transitions import request_stop
 
 log = logging.getLogger(__name__)
 
 
-def register_node(session: Session, *, provider_id: int, body: NodeRegister, now: datetime) -> Node:
-    """Create or refresh a node and its GPUs from an agent's inventory."""
+class GpuClaimConflict(Conflict):
+    """A registration named GPU UUIDs registered on another node. Raised before anything is
+    written; the route records the claims (``record_conflicts``) for an admin."""
+
+    def __init__(self, claims: list[tuple[str, int]], *, node: str, provider_id: int) -> None:
+        self.claims = claims  # (GPU UUID, id of the node it is registered on)
+        self.node = node
+        self.provider_id = provider_id
+        uuids = ", ".join(u for u, _ in claims)
+        super().__init__(
+            f"GPU {uuids} is registered on another node: a GPU is never moved silently; an "
+            "admin resolves this (andromeda admin gpu-conflicts)"
+        )
+
+
+def register_node(
+    session: Session,
+    *,
+    provider_id: int,
+    body: NodeRegister,
+    now: datetime,
+    site_id: int | None = None,
+    by_admin: bool = False,
+) -> Node:
+    """Create or refresh a node and its GPUs from an agent's inventory.
+
+    A node is bound to its provider and site when it first registers: another provider
+    never gets its name, and only an admin moves it to another site (when it holds no
+    GPUs). ``site_id`` is the site of the caller's registration token, if it has one: the
+    node must be of that site. A retired node's name is not reused."""
     node = session.exec(select(Node).where(Node.name == body.name)).first()
     if node is not None and node.provider_id != provider_id:
         raise Forbidden(f"node {body.name!r} belongs to another provider")
+    if node is not None and node.status == NodeStatus.retired:
+        raise Conflict(f"node {body.name!r} was retired: register the host under a new node name")
     uuids = [g.uuid for g in body.gpus]
     if len(set(uuids)) != len(uuids):
         raise ValidationFailed("gpus", "GPU UUIDs must be unique")
+    if site_id is not None:
+        bound = session.get(Site, site_id)
+        assert bound is not None
+        if body.site is not None and body.site != bound.name:
+            raise Forbidden(f"this token registers nodes of site {bound.name!r}, not {body.site!r}")
+        site = bound
+    else:
+        site = site_for_node(session, provider_id=provider_id, name=body.site)
+    existing = {g.uuid: g for g in session.exec(select(Gpu).where(col(Gpu.uuid).in_(uuids)))}
+    claims = [(u, g.node_id) for u, g in existing.items() if node is None or g.node_id != node.id]
+    if claims:
+        raise GpuClaimConflict(sorted(claims), node=body.name, provider_id=provider_id)
     agreement = active_agreement(session, provider_id=provider_id, level=body.level, now=now)
-    site = site_for_node(session, provider_id=provider_id, name=body.site)
     if node is None:
         node = Node(
             name=body.name,
@@ -44,14 +98,22 @@ def register_node(session: Session, *, provider_id: int, body: NodeRegister, now
             site_id=site.id,  # type: ignore[arg-type]
             agreement_id=agreement.id,  # type: ignore[arg-type]
         )
-    elif node.site_id != site.id and _holds_gpus(session, node):
-        raise Conflict(f"node {body.name!r} still runs work in another site; drain it first")
+    elif node.site_id != site.id:
+        if not by_admin:
+            bound = session.get(Site, node.site_id)
+            raise Conflict(
+                f"node {body.name!r} is bound to site {bound.name if bound else node.site_id!r}:"
+                " only an admin moves a node to another site"
+            )
+        if _holds_gpus(session, node):
+            raise Conflict(f"node {body.name!r} still runs work in another site; drain it first")
     node.site_id = site.id  # type: ignore[assignment]
     node.agreement_id = agreement.id  # type: ignore[assignment]
     node.hostname = body.hostname
     node.cpu_count = body.cpu_count
     node.memory_bytes = body.memory_bytes
     node.driver_version = body.driver_version
+    node.cuda_driver_version = body.cuda_driver_version
     node.last_heartbeat_at = now
     if node.status == NodeStatus.lost:
         node.status = NodeStatus.ready
@@ -59,11 +121,8 @@ def register_node(session: Session, *, provider_id: int, body: NodeRegister, now
     session.add(node)
     session.flush()
 
-    existing = {g.uuid: g for g in session.exec(select(Gpu).where(col(Gpu.uuid).in_(uuids)))}
     for report in body.gpus:
         gpu = existing.get(report.uuid)
-        if gpu is not None and gpu.node_id != node.id:
-            raise Conflict(f"GPU {report.uuid} is registered on another node")
         if gpu is None:
             assert node.id is not None
             gpu = Gpu(
@@ -78,16 +137,96 @@ def register_node(session: Session, *, provider_id: int, body: NodeRegister, now
         gpu.name = report.name
         gpu.memory_bytes = report.memory_total_bytes
         gpu.model = canonical_model(report.name, report.memory_total_bytes)
+        gpu.compute_capability = report.compute_capability
+        gpu.pci_bus_id = report.pci_bus_id
+        gpu.serial = report.serial
+        gpu.mig_enabled = report.mig_enabled
+        gpu.mig_instances = [m.model_dump() for m in report.mig_instances]
+        if gpu.health == GpuHealth.failed and gpu.health_reasons == GONE:
+            gpu.health, gpu.health_reasons = GpuHealth.unknown, None  # it is back
         session.add(gpu)
     # GPUs the node no longer reports stay in the ledger's history but take no new work.
     for gone in session.exec(
         select(Gpu).where(Gpu.node_id == node.id, col(Gpu.uuid).not_in(uuids))
     ):
         gone.health = GpuHealth.failed
-        gone.health_reasons = "no longer reported by the agent"
+        gone.health_reasons = GONE
         session.add(gone)
     session.flush()
     return node
+
+
+GONE = "no longer reported by the agent"
+
+
+def record_conflicts(session: Session, *, error: GpuClaimConflict, now: datetime) -> None:
+    """Keep a refused GPU claim for an admin (once per GPU and claimant; counted)."""
+    for uuid, owner in error.claims:
+        row = session.exec(
+            select(GpuConflict).where(
+                GpuConflict.gpu_uuid == uuid,
+                GpuConflict.claimant_node == error.node,
+                GpuConflict.claimant_provider_id == error.provider_id,
+            )
+        ).first()
+        if row is None:
+            row = GpuConflict(
+                gpu_uuid=uuid,
+                owner_node_id=owner,
+                claimant_provider_id=error.provider_id,
+                claimant_node=error.node,
+                first_seen_at=now,
+                last_seen_at=now,
+            )
+            log.warning(
+                "GPU %s claimed by node %s while registered on node id %s: refused",
+                uuid,
+                error.node,
+                owner,
+            )
+        else:
+            row.attempts += 1
+            row.last_seen_at = now
+            row.resolved_at = None
+            row.resolution = None
+        session.add(row)
+    session.flush()
+
+
+def list_conflicts(session: Session, *, include_resolved: bool = False) -> list[GpuConflict]:
+    stmt = select(GpuConflict).order_by(col(GpuConflict.id))
+    if not include_resolved:
+        stmt = stmt.where(col(GpuConflict.resolved_at).is_(None))
+    return list(session.exec(stmt))
+
+
+def resolve_conflict(
+    session: Session, *, conflict_id: int, release: bool, note: str | None, now: datetime
+) -> GpuConflict:
+    """An admin's decision on a claimed GPU. ``release`` takes the GPU off the node it is
+    registered on (it must hold no work), so the claimant's next registration gets it;
+    otherwise the claim is dismissed and the GPU stays where it is."""
+    row = session.get(GpuConflict, conflict_id)
+    if row is None:
+        raise NotFound(f"GPU conflict {conflict_id} not found")
+    if row.resolved_at is not None:
+        raise Conflict(f"GPU conflict {conflict_id} was resolved already: {row.resolution}")
+    if release:
+        gpu = session.exec(select(Gpu).where(Gpu.uuid == row.gpu_uuid)).first()
+        if gpu is not None:
+            if gpu.id in held_gpu_ids(session, node_id=gpu.node_id):
+                raise Conflict(f"GPU {row.gpu_uuid} runs work: drain its node first")
+            # The GPU's history stays with its old row, renamed so the UUID is free.
+            assert gpu.id is not None
+            gpu.uuid = f"{gpu.uuid}~released-{gpu.id}"[:96]
+            gpu.health = GpuHealth.failed
+            gpu.health_reasons = "released by an admin to another node"
+            session.add(gpu)
+    row.resolved_at = now
+    row.resolution = (note or ("released to the claimant" if release else "claim dismissed"))[:500]
+    session.add(row)
+    session.flush()
+    return row
 
 
 def _holds_gpus(session: Session, node: Node) -> bool:
@@ -101,11 +240,35 @@ def get_node(session: Session, *, name: str) -> Node:
     return node
 
 
-def heartbeat(session: Session, *, node: Node, body: Heartbeat, now: datetime) -> Node:
-    gpus = {g.uuid: g for g in session.exec(select(Gpu).where(Gpu.node_id == node.id))}
+SKEW_WARN_MS = 5_000
+"""A node whose clock is further than this from the server's is reported (its evidence
+windows are aligned to the server's clock by the agent, so this is a warning, not an
+error)."""
+
+
+def check_heartbeat(node: Node, gpus: dict[str, Gpu], body: Heartbeat) -> None:
+    """Refuse a heartbeat before anything of it is written: a retired node (409), GPUs
+    (in samples or evidence) the node has not registered (422)."""
+    if node.status == NodeStatus.retired:
+        raise Conflict(f"node {node.name!r} was retired: stop its agent")
     unknown = [s.uuid for s in body.gpus if s.uuid not in gpus]
     if unknown:
         raise ValidationFailed("gpus", f"GPUs not registered on this node: {', '.join(unknown)}")
+    strangers = sorted({w.uuid for w in body.evidence if w.uuid not in gpus})
+    if strangers:
+        raise ValidationFailed(
+            "evidence", f"GPUs not registered on this node: {', '.join(strangers)}"
+        )
+
+
+def apply_heartbeat(
+    session: Session, *, node: Node, gpus: dict[str, Gpu], body: Heartbeat, now: datetime
+) -> None:
+    """A checked heartbeat's changes to the node and its GPUs (flushed by the caller).
+
+    A node whose NVML broke (``gpu_source_error``) has its GPUs set unknown with the cause
+    (a known failure stays known) and takes no new work until NVML answers again; the skew
+    between the agent's clock and ours is kept; a lost node is back."""
     for sample in body.gpus:
         gpu = gpus[sample.uuid]
         gpu.health = sample.health
@@ -115,16 +278,90 @@ def heartbeat(session: Session, *, node: Node, body: Heartbeat, now: datetime) -
         gpu.temperature_c = sample.temperature_c
         gpu.power_mw = sample.power_mw
         gpu.energy_mj = sample.energy_mj
+        gpu.process_count = sample.process_count
+        gpu.throttle_reasons = (
+            None if sample.throttle_reasons is None else ",".join(sample.throttle_reasons)[:500]
+        )
         gpu.sampled_at = now
         session.add(gpu)
-    node.last_heartbeat_at = now
+    if body.gpu_source_error:
+        if node.gpu_source_error != body.gpu_source_error:
+            log.warning("node %s: NVML is broken: %s", node.name, body.gpu_source_error)
+        for gpu in gpus.values():
+            if gpu.health != GpuHealth.failed:  # a known fault stays known
+                gpu.health = GpuHealth.unknown
+                gpu.health_reasons = f"NVML broken on the node: {body.gpu_source_error}"[:1000]
+                session.add(gpu)
+    elif node.gpu_source_error:
+        log.info("node %s: NVML answers again", node.name)
+    node.gpu_source_error = body.gpu_source_error
+    if body.sent_at is not None:
+        skew = int((body.sent_at - now).total_seconds() * 1000)
+        if abs(skew) > SKEW_WARN_MS and (
+            node.clock_skew_ms is None or abs(node.clock_skew_ms) <= SKEW_WARN_MS
+        ):
+            log.warning("node %s: its clock is %+.1f s off the server's", node.name, skew / 1000)
+        node.clock_skew_ms = skew
+    if node.last_heartbeat_at is None or node.last_heartbeat_at < now:
+        node.last_heartbeat_at = now
     if node.status == NodeStatus.lost:  # only ready nodes are ever marked lost
         log.info("node %s is back after being lost", node.name)
         node.status = NodeStatus.ready
         node.status_reason = None
     session.add(node)
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatItem:
+    """One heartbeat of a batch: the node it names, who sent it, what it says."""
+
+    name: str
+    principal: Principal
+    body: Heartbeat
+
+
+def heartbeat_many(
+    session: Session, items: Sequence[HeartbeatItem], *, now: datetime, grain: Grain
+) -> list[NodePublic | AndromedaError]:
+    """Record a batch of heartbeats in one transaction with a fixed number of statements
+    (not a few per heartbeat); each item's answer is its node as the API shows it, or the
+    error that refused it alone (an unknown node, another provider's token, a GPU the node
+    does not have): one bad heartbeat does not fail the others."""
+    from scheduler.services.evidence import store_evidence_many
+
+    names = sorted({i.name for i in items})
+    nodes = {n.name: n for n in session.exec(select(Node).where(col(Node.name).in_(names)))}
+    node_ids = [n.id for n in nodes.values()]
+    gpus: dict[int, dict[str, Gpu]] = defaultdict(dict)
+    for gpu in session.exec(select(Gpu).where(col(Gpu.node_id).in_(node_ids))):
+        gpus[gpu.node_id][gpu.uuid] = gpu
+    answers: list[NodePublic | AndromedaError | Node] = []
+    evidence: list[tuple[Node, Sequence[EvidenceWindow]]] = []
+    for item in items:
+        node = nodes.get(item.name)
+        try:
+            if node is None:
+                raise NotFound(f"node {item.name!r} not found")
+            item.principal.require_node(node)
+            assert node.id is not None
+            check_heartbeat(node, gpus[node.id], item.body)
+        except AndromedaError as exc:
+            answers.append(exc)
+            continue
+        apply_heartbeat(session, node=node, gpus=gpus[node.id], body=item.body, now=now)
+        if item.body.evidence:
+            evidence.append((node, item.body.evidence))
+        answers.append(node)
     session.flush()
-    return node
+    if evidence:
+        store_evidence_many(session, evidence, now=now, grain=grain)
+    answered = sorted({a.id for a in answers if isinstance(a, Node) and a.id is not None})
+    if not answered:
+        return [a for a in answers if not isinstance(a, Node)]
+    rows = {r.node.id: r for r in load_nodes(session, node_ids=answered)}
+    held = held_gpu_ids(session, node_ids=answered)
+    public = {nid: node_public(row, held) for nid, row in rows.items()}
+    return [public[a.id] if isinstance(a, Node) else a for a in answers]
 
 
 def set_node_status(
@@ -136,6 +373,7 @@ def set_node_status(
     notice_s: int | None = None,
     let_finish: bool = False,
     now: datetime | None = None,
+    by_admin: bool = True,
 ) -> tuple[Node, list[int]]:
     """Drain, cordon (take no new work) or make a node ready again; the node and the jobs
     asked to move.
@@ -144,12 +382,29 @@ def set_node_status(
     default its agreement's ``reclaim_notice_s``) to checkpoint, is then stopped and moved
     elsewhere (end reason ``provider_reclaim``), and the node takes no new work meanwhile.
     With ``let_finish`` running work finishes where it is instead."""
-    if status == NodeStatus.lost:
-        raise ValidationFailed("status", "lost is set by the control plane, not by hand")
+    if status in (NodeStatus.lost, NodeStatus.retired):
+        raise ValidationFailed(
+            "status",
+            f"{status.value} is set by the control plane (retire a node with "
+            "`andromeda node remove`), not by hand",
+        )
+    if node.status == NodeStatus.retired:
+        raise Conflict(f"node {node.name!r} was retired")
     if status != NodeStatus.draining and (notice_s is not None or let_finish):
         raise ValidationFailed("notice_s", "a notice or let_finish only applies to draining")
+    if node.status_set_by == "admin" and not by_admin and status != node.status:
+        raise Forbidden(
+            f"node {node.name!r} was {node.status.value} by an admin"
+            + (f" ({node.status_reason})" if node.status_reason else "")
+            + ": only an admin can change that"
+        )
+    if node.status_set_by == "admin" and not by_admin and status == node.status:
+        return node, []  # asking for what an admin already set: nothing to do
     node.status = status
     node.status_reason = reason
+    node.status_set_by = (
+        None if status == NodeStatus.ready else ("admin" if by_admin else "provider")
+    )
     session.add(node)
     moved: list[int] = []
     if status == NodeStatus.draining and not let_finish:
@@ -174,6 +429,27 @@ def set_node_status(
                 moved.append(alloc.job_id)
     session.flush()
     return node, moved
+
+
+def remove_node(session: Session, *, node: Node, now: datetime) -> Node:
+    """Retire a node for good: it takes no work, its agent is refused, its name is not
+    reused, and its history (GPUs, allocations, usage, evidence) is kept. Only a node
+    that holds no GPUs can be retired: drain it first."""
+    if node.status == NodeStatus.retired:
+        return node
+    held = held_gpu_ids(session, node_id=node.id)
+    if held:
+        raise Conflict(
+            f"node {node.name!r} still holds {len(held)} GPU(s) of running work: drain it "
+            f"first (andromeda node drain {node.name}) and wait for the work to move"
+        )
+    node.status = NodeStatus.retired
+    node.status_reason = f"retired at {now.isoformat()}"
+    node.retired_at = now
+    node.ray_joined = False
+    session.add(node)
+    session.flush()
+    return node
 
 
 def mark_lost_nodes(session: Session, *, now: datetime, lost_after_s: int) -> list[Node]:
@@ -210,8 +486,11 @@ def stale_node_ids(session: Session, *, now: datetime, lost_after_s: int) -> lis
     ]
 
 
-def held_gpu_ids(session: Session, *, node_id: int | None = None) -> set[int]:
-    """GPUs held by allocations whose workers are not confirmed gone (of one node if given)."""
+def held_gpu_ids(
+    session: Session, *, node_id: int | None = None, node_ids: Sequence[int] | None = None
+) -> set[int]:
+    """GPUs held by allocations whose workers are not confirmed gone (of one node, or of
+    some nodes, if given)."""
     stmt = (
         select(AllocationGpu.gpu_id)
         .join(Allocation, col(Allocation.id) == col(AllocationGpu.allocation_id))
@@ -219,6 +498,8 @@ def held_gpu_ids(session: Session, *, node_id: int | None = None) -> set[int]:
     )
     if node_id is not None:
         stmt = stmt.where(AllocationGpu.node_id == node_id)
+    if node_ids is not None:
+        stmt = stmt.where(col(AllocationGpu.node_id).in_(node_ids))
     return set(session.exec(stmt))
 
 
@@ -232,9 +513,14 @@ class NodeRow:
 
 
 def load_nodes(
-    session: Session, *, provider_id: int | None = None, node_id: int | None = None
+    session: Session,
+    *,
+    provider_id: int | None = None,
+    node_id: int | None = None,
+    node_ids: Sequence[int] | None = None,
 ) -> list[NodeRow]:
-    """Nodes with their provider, agreement and GPUs: all, one provider's, or one node."""
+    """Nodes with their provider, agreement and GPUs: all, one provider's, one node, or
+    some nodes."""
     stmt = (
         select(Node, Provider, Site, Agreement)
         .join(Provider, col(Provider.id) == col(Node.provider_id))
@@ -246,11 +532,13 @@ def load_nodes(
         stmt = stmt.where(Node.provider_id == provider_id)
     if node_id is not None:
         stmt = stmt.where(Node.id == node_id)
+    if node_ids is not None:
+        stmt = stmt.where(col(Node.id).in_(node_ids))
     rows = list(session.exec(stmt))
     gpus: dict[int, list[Gpu]] = {}
-    node_ids = [n.id for n, _, _, _ in rows]
+    found = [n.id for n, _, _, _ in rows]
     for gpu in session.exec(
-        select(Gpu).where(col(Gpu.node_id).in_(node_ids)).order_by(col(Gpu.index))
+        select(Gpu).where(col(Gpu.node_id).in_(found)).order_by(col(Gpu.index))
     ):
         gpus.setdefault(gpu.node_id, []).append(gpu)
     return [NodeRow(n, p, s, a, gpus.get(n.id or 0, [])) for n, p, s, a in rows]
@@ -268,6 +556,9 @@ def node_public(row: NodeRow, held: set[int]) -> NodePublic:
         hostname=n.hostname,
         ray_joined=n.ray_joined,
         last_heartbeat_at=n.last_heartbeat_at,
+        status_set_by=n.status_set_by,
+        clock_skew_ms=n.clock_skew_ms,
+        gpu_source_error=n.gpu_source_error,
         gpus=[
             GpuPublic(
                 uuid=g.uuid,
@@ -275,7 +566,10 @@ def node_public(row: NodeRow, held: set[int]) -> NodePublic:
                 model=g.model,
                 memory_bytes=g.memory_bytes,
                 health=g.health,
+                health_reasons=g.health_reasons,
                 utilization_pct=g.utilization_pct,
+                process_count=g.process_count,
+                mig_enabled=g.mig_enabled,
                 busy=g.id in held,
             )
             for g in row.gpus

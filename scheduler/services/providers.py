@@ -32,10 +32,20 @@ def get_provider(session: Session, *, name: str) -> Provider:
     return provider
 
 
-def list_providers(session: Session, *, provider_id: int | None = None) -> list[Provider]:
-    stmt = select(Provider).order_by(col(Provider.name))
+def list_providers(
+    session: Session,
+    *,
+    provider_id: int | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+) -> list[Provider]:
+    """Providers by name (one, if given): with ``after``, those named after it; ``limit``
+    of them at most."""
+    stmt = select(Provider).order_by(col(Provider.name)).limit(limit)
     if provider_id is not None:
         stmt = stmt.where(Provider.id == provider_id)
+    if after is not None:
+        stmt = stmt.where(col(Provider.name) > after)
     return list(session.exec(stmt))
 
 

@@ -49,7 +49,7 @@ from scheduler.schemas import (
     WorkerAssignment,
 )
 from scheduler.services.providers import SLUG
-from scheduler.services.transitions import mark_running, transition_job
+from scheduler.services.transitions import mark_running, release_allocation, transition_job
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,15 @@ def get_site(session: Session, *, name: str) -> Site:
     return site
 
 
-def list_sites(session: Session, *, provider_id: int | None = None) -> list[SitePublic]:
+def list_sites(
+    session: Session,
+    *,
+    provider_id: int | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+) -> list[SitePublic]:
+    """Sites by name (a provider's only, if given): with ``after``, those named after it;
+    ``limit`` of them at most."""
     rows = session.exec(
         select(Node.site_id, func.count(col(Node.id))).group_by(col(Node.site_id))
     ).all()
@@ -85,9 +93,12 @@ def list_sites(session: Session, *, provider_id: int | None = None) -> list[Site
         select(Site, Provider)
         .join(Provider, col(Provider.id) == col(Site.provider_id))
         .order_by(col(Site.name))
+        .limit(limit)
     )
     if provider_id is not None:
         stmt = stmt.where(Site.provider_id == provider_id)
+    if after is not None:
+        stmt = stmt.where(col(Site.name) > after)
     return [site_public(s, p.name, counts.get(s.id or 0, 0)) for s, p in session.exec(stmt)]
 
 
@@ -372,9 +383,7 @@ def give_up_after_attempts(
 
 
 def _release(session: Session, alloc: Allocation, now: datetime, outcome: ReportOutcome) -> None:
-    if alloc.released_at is None:
-        alloc.released_at = now
-        session.add(alloc)
+    if release_allocation(session, alloc=alloc, at=now):
         outcome.freed = True
 
 

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlmodel import Session, col, select
 
-from scheduler.db.models import ApiToken, Provider
+from scheduler.db.models import ApiToken, Node, Provider, Site
 from scheduler.domain.enums import Role
 from scheduler.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 
@@ -28,6 +28,7 @@ class Principal:
     name: str
     role: Role
     provider_id: int | None
+    site_id: int | None = None  # a site's registration token: that site's nodes only
 
     def require(self, *roles: Role) -> None:
         if self.role is Role.admin or self.role in roles:
@@ -48,15 +49,28 @@ class Principal:
         if self.role is not Role.provider or self.provider_id != provider_id:
             raise Forbidden("this token may not act for that provider")
 
+    def require_node(self, node: Node) -> None:
+        """A node's own provider (and, for a site's registration token, its own site)."""
+        self.require_provider(node.provider_id)
+        if self.site_id is not None and node.site_id != self.site_id:
+            raise Forbidden(f"this token registers nodes of another site, not {node.name!r}")
+
 
 def hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def create_token(
-    session: Session, *, name: str, role: Role, provider_name: str | None = None
+    session: Session,
+    *,
+    name: str,
+    role: Role,
+    provider_name: str | None = None,
+    site_name: str | None = None,
 ) -> tuple[ApiToken, str]:
-    """Create a token; returns the row and the secret (shown once)."""
+    """Create a token; returns the row and the secret (shown once). A provider token that
+    names a site is that site's registration token: it registers and reports the site's
+    nodes only."""
     if not name.strip():
         raise ValidationFailed("name", "must not be blank")
     provider_id: int | None = None
@@ -69,11 +83,22 @@ def create_token(
         provider_id = provider.id
     elif provider_name:
         raise ValidationFailed("provider", f"only provider tokens name a provider, not {role}")
+    site_id: int | None = None
+    if site_name:
+        if role is not Role.provider:
+            raise ValidationFailed("site", f"only provider tokens name a site, not {role}")
+        site = session.exec(select(Site).where(Site.name == site_name)).first()
+        if site is None:
+            raise ValidationFailed("site", f"no site named {site_name!r}")
+        if site.provider_id != provider_id:
+            raise ValidationFailed("site", f"site {site_name!r} belongs to another provider")
+        site_id = site.id
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(
         name=name.strip(),
         role=role,
         provider_id=provider_id,
+        site_id=site_id,
         token_hash=hash_token(secret),
         prefix=secret[: len(TOKEN_PREFIX) + 6],
     )
@@ -90,12 +115,22 @@ def authenticate(session: Session, *, secret: str | None) -> Principal:
         raise Unauthenticated("unknown or revoked token")
     assert token.id is not None
     return Principal(
-        token_id=token.id, name=token.name, role=Role(token.role), provider_id=token.provider_id
+        token_id=token.id,
+        name=token.name,
+        role=Role(token.role),
+        provider_id=token.provider_id,
+        site_id=token.site_id,
     )
 
 
-def list_tokens(session: Session) -> list[ApiToken]:
-    return list(session.exec(select(ApiToken).order_by(col(ApiToken.id))))
+def list_tokens(
+    session: Session, *, after: int | None = None, limit: int | None = None
+) -> list[ApiToken]:
+    """Tokens by id: with ``after``, those after that id; ``limit`` of them at most."""
+    stmt = select(ApiToken).order_by(col(ApiToken.id)).limit(limit)
+    if after is not None:
+        stmt = stmt.where(col(ApiToken.id) > after)
+    return list(session.exec(stmt))
 
 
 def revoke_token(session: Session, *, token_id: int, now: datetime) -> ApiToken:

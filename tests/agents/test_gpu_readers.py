@@ -17,6 +17,7 @@ from agents.gpu import (
     open_reader,
     parse_gpu_spec,
 )
+from agents.gpu.nvml import COSTLY_QUERIES, EVENT_BACKED_QUERIES, EVERY_SAMPLE_QUERIES
 from agents.gpu.recorded import NVMLError, NVMLError_GpuIsLost, NVMLError_LibraryNotFound
 from scheduler.domain.enums import GpuHealth
 from scheduler.domain.gpu_models import canonical_model
@@ -130,19 +131,10 @@ def test_a_not_supported_power_reading_is_unknown_not_zero() -> None:
 
 
 def test_every_field_is_unknown_when_every_sample_query_is_not_supported() -> None:
-    keys = [
-        "nvmlDeviceGetUtilizationRates",
-        "nvmlDeviceGetMemoryInfo",
-        "nvmlDeviceGetTemperature(0)",
-        "nvmlDeviceGetPowerUsage",
-        "nvmlDeviceGetTotalEnergyConsumption",
-        "nvmlDeviceGetComputeRunningProcesses",
-        ECC_KEY,
-        "nvmlDeviceGetRemappedRows",
-    ]
+    keys = [*EVERY_SAMPLE_QUERIES, *EVENT_BACKED_QUERIES, *COSTLY_QUERIES]
     nvml = RecordedNvml(H200, dict.fromkeys(keys, NOT_SUPPORTED))
     reader = NvmlReader(nvml)
-    sample = reader.sample()[0]
+    sample = reader.sample()[0]  # the first sample reads the costly fields too
     assert sample.uuid == "GPU-eb8e4270-fbe7-8d81-f593-5baf0d173e76"
     assert (
         sample.utilization_pct,
@@ -151,9 +143,16 @@ def test_every_field_is_unknown_when_every_sample_query_is_not_supported() -> No
         sample.power_mw,
         sample.energy_mj,
         sample.process_count,
-    ) == (None, None, None, None, None, None)
+        sample.processes,
+        sample.throttle_reasons,
+        sample.pcie_tx_kbps,
+        sample.pcie_rx_kbps,
+    ) == (None,) * 10
     assert sample.health is GpuHealth.unknown
-    assert sample.health_reasons  # says which health queries could not be answered
+    assert sample.health_reasons == (
+        "uncorrected ECC error count unavailable (Not Supported)",
+        "row remapping state unavailable (Not Supported)",
+    )
 
 
 def test_uncorrected_ecc_errors_mark_the_gpu_failed() -> None:
@@ -191,9 +190,10 @@ def test_a_lost_gpu_is_failed_even_though_no_health_query_answered() -> None:
     assert any("lost" in reason for reason in sample.health_reasons)
 
 
-def test_mig_mode_enabled_is_reported() -> None:
-    nvml = RecordedNvml(H100, {"nvmlDeviceGetMigMode": [1, 1]})
-    assert NvmlReader(nvml).inventory()[0].mig_enabled is True
+def test_mig_enabled_before_any_instance_is_created_is_reported_without_instances() -> None:
+    nvml = RecordedNvml(H100, {"nvmlDeviceGetMigMode": [1, 1]})  # max MIG devices: 0
+    gpu = NvmlReader(nvml).inventory()[0]
+    assert (gpu.mig_enabled, gpu.mig_instances) == (True, ())
 
 
 def test_close_shuts_nvml_down_once_even_when_called_twice() -> None:
@@ -289,6 +289,7 @@ def test_open_reader_picks_the_simulator_or_the_replay() -> None:
     replayed = open_reader(simulate=None, replay=H200, node_name="n1")
     assert isinstance(replayed, NvmlReader)
     assert replayed.inventory()[0].model == "H200-141GB"
+    assert replayed.cuda_driver_version() == "13.0"
     replayed.close()
 
 
@@ -342,7 +343,9 @@ def test_bad_gpu_specs_are_rejected_with_the_expected_form(spec: str, message: s
 
 
 def test_simulated_inventory_matches_the_spec_with_nvml_style_uuids() -> None:
-    inventory = SimulatedReader("4xH100-80GB", "node-a").inventory()
+    reader = SimulatedReader("4xH100-80GB", "node-a")
+    assert reader.cuda_driver_version() is None  # no CUDA on a simulated host, not a made-up one
+    inventory = reader.inventory()
     assert [gpu.index for gpu in inventory] == [0, 1, 2, 3]
     assert {gpu.model for gpu in inventory} == {"H100-80GB"}
     assert all(gpu.memory_total_bytes == 80 * 2**30 for gpu in inventory)

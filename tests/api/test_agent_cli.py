@@ -116,3 +116,36 @@ def test_plain_http_to_this_host_or_with_insecure_is_allowed(server, tokens) -> 
         ],
     )
     assert insecure.exit_code == 0, insecure.output
+
+
+def test_an_agent_replaying_real_nvml_sends_the_gpus_details(server, tokens, session_of) -> None:  # type: ignore[no-untyped-def]
+    from sqlmodel import select
+
+    from scheduler.db.models import Gpu, Node
+
+    recording = FIXTURES / "h100-80gb-hbm3"
+    snapshot = json.loads((recording / "nvml_snapshot.json").read_text())
+    queries = snapshot["devices"][0]["queries"]
+    result = _agent(server, tokens["orion"], "--name", "gpu-host-1", "--replay", str(recording))
+    assert result.exit_code == 0, result.output
+    with session_of() as s:
+        node = s.exec(select(Node).where(Node.name == "gpu-host-1")).one()
+        (gpu,) = s.exec(select(Gpu).where(Gpu.node_id == node.id)).all()
+        assert node.cuda_driver_version == "13.0"  # nvmlSystemGetCudaDriverVersion 13000
+        assert gpu.compute_capability == "9.0"
+        assert gpu.pci_bus_id == queries["nvmlDeviceGetPciInfo"]["busId"]
+        assert gpu.serial == str(queries["nvmlDeviceGetSerial"])
+        assert gpu.mig_enabled is False
+        assert gpu.process_count == 0  # nvmlDeviceGetComputeRunningProcesses: []
+        assert node.clock_skew_ms is not None  # the heartbeat carried the agent's clock
+
+
+def test_the_agent_command_offers_the_spool_and_drain_options() -> None:
+    out = CliRunner().invoke(cli, ["agent", "--help"])
+    assert out.exit_code == 0
+    for option in ("--spool-path", "--spool-max-mb", "--drain-timeout"):
+        assert option in out.output
+    bad = CliRunner().invoke(
+        cli, ["agent", "--server", "http://127.0.0.1:1", "--token", "t", "--spool-max-mb", "0"]
+    )
+    assert bad.exit_code == 2 and "--spool-max-mb" in bad.output

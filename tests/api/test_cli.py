@@ -244,3 +244,32 @@ def test_the_server_refuses_a_bad_policy_config_in_a_sentence(tmp_path: Path) ->
     env["ANDROMEDA_POLICY_CONFIG"] = str(tmp_path / "missing.yaml")
     missing = CliRunner().invoke(cli, ["server", "--port", "1"], env=env)
     assert missing.exit_code == 1 and "cannot read it" in missing.output
+
+
+def test_node_remove_gpu_conflicts_and_usage_by_allocation(env, session_of) -> None:  # type: ignore[no-untyped-def]
+    from scheduler.schemas import GpuReport, NodeRegister
+    from scheduler.services.nodes import GpuClaimConflict, record_conflicts, register_node
+
+    with session_of() as s:  # another provider's host claims one of orion-1's GPUs
+        vega = f.provider(s, "vega", CommitmentLevel.spot)
+        claim = NodeRegister(
+            name="vega-9",
+            gpus=[GpuReport(uuid="GPU-orion-1-2", index=0, name=f.H100[0],
+                            memory_total_bytes=f.H100[1])],
+        )  # fmt: skip
+        with pytest.raises(GpuClaimConflict) as refused:
+            register_node(s, provider_id=vega.id, body=claim, now=f.utcnow())  # type: ignore[arg-type]
+        record_conflicts(s, error=refused.value, now=f.utcnow())
+    listed = run(env, "gpu-conflicts", token=env["ADMIN"])
+    assert listed.exit_code == 0, listed.output
+    assert "GPU-orion-1-2" in listed.output and "vega-9 (vega)" in listed.output
+    undecided = run(env, "gpu-conflicts", "resolve", "1", token=env["ADMIN"])
+    assert undecided.exit_code == 2 and "say --release or --dismiss" in undecided.output
+    dismissed = run(env, "gpu-conflicts", "resolve", "1", "--dismiss", token=env["ADMIN"])
+    assert dismissed.output.strip() == "GPU conflict 1 (GPU-orion-1-2): claim dismissed"
+    nodes = run(env, "nodes")
+    assert nodes.output.splitlines()[1].split()[-1] == "ok"  # the HEALTH column
+    removed = run(env, "node", "remove", "orion-1", token=env["ADMIN"])
+    assert removed.output.strip() == "node orion-1: retired"
+    per_alloc = run(env, "usage", "--by", "allocation", token=env["PARTNER"])
+    assert per_alloc.exit_code == 0 and "(no usage in this window)" in per_alloc.output

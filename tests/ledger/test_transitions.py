@@ -100,7 +100,7 @@ def test_a_gpu_held_by_an_open_allocation_cannot_be_placed_again(session_of) -> 
         node = f.node(s, prov, "orion-1", gpus=2)
         first, second = f.job(s, "a", gpus_per_worker=2), f.job(s, "b", gpus_per_worker=2)
         _place(s, first, prov, node, _gpus(s, node), T0)
-    with pytest.raises(Conflict, match="held by another open allocation"), session_of() as s:
+    with pytest.raises(Conflict, match="held by another allocation"), session_of() as s:
         _place(s, second, prov, node, _gpus(s, node), T0)
     with session_of() as s:  # nothing half-written: the second job is untouched
         assert s.get(Job, second.id).status == JobStatus.pending  # type: ignore[union-attr]
@@ -208,6 +208,7 @@ def test_preempt_and_resume_gives_two_allocations_and_never_overlapping_usage(se
             to=JobStatus.pending,
             now=T0 + timedelta(seconds=30),
             end_reason=EndReason.preempted,
+            released=True,  # the site confirmed the workers gone: the GPUs are free again
         )
     with session_of() as s:
         _place(s, s.get(Job, job.id), prov, node, gpus, T0 + timedelta(seconds=45))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Response, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from sqlmodel import col, select
 
+from scheduler.api import paging
 from scheduler.api.deps import PrincipalDep, SessionDep, SettingsDep
 from scheduler.attribution import lifecycle, lineage, revenue
 from scheduler.attribution.statements import policy_for
@@ -88,12 +89,24 @@ def create_version(
     return _model_public(session, model)
 
 
-@router.get("/models", response_model=list[ModelPublic])
-def list_models(session: SessionDep, who: PrincipalDep) -> list[ModelPublic]:
+@router.get(
+    "/models",
+    response_model=list[ModelPublic],
+    description="Models by name, each with its versions. " + paging.PAGED,
+)
+def list_models(
+    session: SessionDep,
+    who: PrincipalDep,
+    page: paging.NamePage,
+    request: Request,
+    response: Response,
+) -> list[ModelPublic]:
     who.require(Role.engineer, Role.partner_manager)
-    return [
-        _model_public(session, m) for m in session.exec(select(Model).order_by(col(Model.name)))
-    ]
+    stmt = select(Model).order_by(col(Model.name)).limit(page.fetch)
+    if page.after is not None:
+        stmt = stmt.where(col(Model.name) > page.after)
+    rows = paging.finish(list(session.exec(stmt)), lambda m: m.name, page, request, response)
+    return [_model_public(session, m) for m in rows]
 
 
 @router.get("/models/{name}", response_model=ModelPublic)
@@ -142,7 +155,8 @@ def post_revenue(
 ) -> RevenueBatchResult:
     """Record revenue events, each once by its key. A single event answers 201 (recorded),
     200 (sent before), 409 (its key was used for other content) or 422; a batch answers 200
-    with each item's outcome, and keeps the good items."""
+    with each item's outcome, and keeps the good items. The body may be up to 16 MiB (a
+    batch of 10,000 events; 413 above it)."""
     who.require(Role.partner_manager)
     single = isinstance(body, dict)
     items = [body] if single else body
@@ -177,21 +191,37 @@ def _may_read(who: Principal, provider_id: int) -> None:
         who.require(Role.partner_manager)
 
 
-@router.get("/statements", response_model=list[StatementPublic])
+@router.get(
+    "/statements",
+    response_model=list[StatementPublic],
+    description="Every provider's statement for a period (a provider token: its own), by "
+    "provider name. " + paging.PAGED,
+)
 def list_statements(
     session: SessionDep,
     who: PrincipalDep,
     settings: SettingsDep,
+    page: paging.NamePage,
+    request: Request,
+    response: Response,
     period: str = Query(..., max_length=20, description="e.g. 2026-11"),
 ) -> list[StatementPublic]:
-    """Every provider's statement for a period (a provider token: its own)."""
     p = lifecycle.period_from(period, settings.period)
     if who.role is Role.provider:
-        return lifecycle.list_statements(
-            session, period=p, now=utcnow(), currency=settings.currency, provider_id=who.provider_id
-        )
-    who.require(Role.partner_manager)
-    return lifecycle.list_statements(session, period=p, now=utcnow(), currency=settings.currency)
+        provider_id = who.provider_id
+    else:
+        who.require(Role.partner_manager)
+        provider_id = None
+    rows = lifecycle.list_statements(
+        session,
+        period=p,
+        now=utcnow(),
+        currency=settings.currency,
+        provider_id=provider_id,
+        after=page.after,
+        limit=page.fetch,
+    )
+    return paging.finish(rows, lambda s: s.provider, page, request, response)
 
 
 @router.get("/statements/{provider}/{period}", response_model=StatementPublic)
@@ -318,10 +348,21 @@ def add_adjustment(
 
 
 # --- the reward policy ------------------------------------------------------------------------
-@router.get("/reward-policies", response_model=list[RewardPolicyPublic])
-def list_policies(session: SessionDep, who: PrincipalDep) -> list[RewardPolicyPublic]:
+@router.get(
+    "/reward-policies",
+    response_model=list[RewardPolicyPublic],
+    description="Versions of the reward policy, oldest first. " + paging.PAGED,
+)
+def list_policies(
+    session: SessionDep,
+    who: PrincipalDep,
+    page: paging.IdPage,
+    request: Request,
+    response: Response,
+) -> list[RewardPolicyPublic]:
     who.require(Role.partner_manager, Role.provider)
-    return lifecycle.list_policies(session)
+    rows = paging.window(lifecycle.list_policies(session), lambda p: p.version, page)
+    return paging.finish(rows, lambda p: p.version, page, request, response)
 
 
 @router.post(

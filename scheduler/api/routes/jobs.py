@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Path, Query, status
+from fastapi import APIRouter, BackgroundTasks, Path, Query, Request, Response, status
 
+from scheduler.api import paging
 from scheduler.api.deps import ChangesDep, PrincipalDep, SessionDep, SettingsDep
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import JobStatus, Role
@@ -19,7 +20,15 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[int, Path(ge=1, le=INT32_MAX, description="the job's id")]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobDetail,
+    description="Submit a job spec. The body may be at most 1 MiB (`max_body_bytes`; 413 "
+    "above it); the spec's fields have limits of their own (422 naming the field): "
+    "`entrypoint` at most 10,000 characters, `env` at most 100 variables with names of up "
+    "to 128 characters and values of up to 4,096.",
+)
 def submit(
     spec: JobSpec,
     session: SessionDep,
@@ -48,15 +57,19 @@ def submit(
     return svc.job_detail(session, job=job)
 
 
-@router.get("", response_model=list[JobPublic])
+@router.get("", response_model=list[JobPublic], description="Jobs, newest first. " + paging.PAGED)
 def list_jobs(
     session: SessionDep,
     who: PrincipalDep,
+    page: paging.IdPage,
+    request: Request,
+    response: Response,
     status_: JobStatus | None = Query(default=None, alias="status"),
-    limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[JobPublic]:
     who.require(Role.engineer, Role.partner_manager)
-    return [svc.job_public(j) for j in svc.list_jobs(session, status=status_, limit=limit)]
+    rows = svc.list_jobs(session, status=status_, limit=page.fetch, before=page.after)
+    shown = paging.finish(rows, lambda j: j.id or 0, page, request, response)
+    return [svc.job_public(j) for j in shown]
 
 
 @router.get("/{job_id}", response_model=JobDetail)

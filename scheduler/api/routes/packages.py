@@ -25,7 +25,8 @@ Digest = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of 
 async def upload(sha256: Digest, request: Request, credentials: BearerDep) -> dict[str, object]:
     """Store a zip under its SHA-256 (engineers). Uploading the same bytes again is a no-op;
     bytes that do not hash to ``sha256`` are refused. (No database transaction is held
-    while the body arrives.)"""
+    while the body arrives.) A package may be up to ``package_max_bytes`` (default 100 MiB,
+    not the 1 MiB of other bodies); a larger one is answered 413."""
     engine: Engine = request.app.state.engine
     secret = credentials.credentials if credentials else None
     who = await run_in_threadpool(_engineer, engine, secret)

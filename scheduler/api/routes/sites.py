@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request, status
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 from sqlmodel import col, func, select
 
+from scheduler.api import paging
 from scheduler.api.deps import BearerDep, ChangesDep, PrincipalDep, SessionDep, SettingsDep
 from scheduler.db.engine import session_scope
 from scheduler.db.models import Node, Provider, Site
@@ -48,12 +49,21 @@ def create_site(name: str, body: SiteCreate, session: SessionDep, who: Principal
     return _public(session, svc.create_site(session, provider=provider, name=body.name))
 
 
-@router.get("/sites", response_model=list[SitePublic])
-def list_sites(session: SessionDep, who: PrincipalDep) -> list[SitePublic]:
+@router.get("/sites", response_model=list[SitePublic], description="Sites by name. " + paging.PAGED)
+def list_sites(
+    session: SessionDep,
+    who: PrincipalDep,
+    page: paging.NamePage,
+    request: Request,
+    response: Response,
+) -> list[SitePublic]:
     if who.role is Role.provider:
-        return svc.list_sites(session, provider_id=who.provider_id)
-    who.require(Role.partner_manager, Role.engineer)
-    return svc.list_sites(session)
+        provider_id = who.provider_id
+    else:
+        who.require(Role.partner_manager, Role.engineer)
+        provider_id = None
+    rows = svc.list_sites(session, provider_id=provider_id, after=page.after, limit=page.fetch)
+    return paging.finish(rows, lambda s: s.name, page, request, response)
 
 
 @router.get("/sites/{name}", response_model=SitePublic)
@@ -125,7 +135,9 @@ def report(
     tasks: BackgroundTasks,
 ) -> SiteReportResult:
     """Events (each applied once, by its key), the allocations the site holds, the Ray
-    nodes alive in it, and live output tails."""
+    nodes alive in it, and live output tails. The body may be larger than others' (64 MiB,
+    or ``max_body_bytes`` if that is more; 413 above it): it carries up to 64,000
+    characters of output per worker."""
     site = svc.get_site(session, name=name)
     _may_act_for(who, site)
     outcome = svc.apply_report(session, site=site, report=body, now=utcnow(), grain=settings.period)

@@ -22,7 +22,11 @@ router = APIRouter(prefix="/usage", tags=["usage"])
 def usage(
     session: SessionDep,
     who: PrincipalDep,
-    by: Literal["provider"] = Query(default="provider"),
+    by: Literal["provider", "allocation"] = Query(
+        default="provider",
+        description="provider: per provider, level and GPU model; allocation: also per "
+        "allocation, with its job, evidence-weighted utilisation and energy",
+    ),
     start: AwareDatetime | None = Query(
         default=None, description="inclusive; default: 30 days before end"
     ),
@@ -35,9 +39,10 @@ def usage(
         start = start or end - timedelta(days=30)
     except OverflowError:
         raise ValidationFailed("end", "too early to take 30 days from; give start too") from None
+    per = by == "allocation"
     if who.role is Role.provider:
         return usage_by_provider(
-            session, start=start, end=end, now=now, provider_id=who.provider_id
+            session, start=start, end=end, now=now, provider_id=who.provider_id, by_allocation=per
         )
     who.require(Role.partner_manager)
-    return usage_by_provider(session, start=start, end=end, now=now)
+    return usage_by_provider(session, start=start, end=end, now=now, by_allocation=per)
