@@ -36,6 +36,9 @@ demo-repeat: install
 
 test: install
 	$(BIN)/python -m pytest
+	# The GCS probe's tests leave process-wide Ray client state behind that breaks later
+	# clusters in the same process, so they run in a pytest process of their own.
+	ANDROMEDA_TEST_ISOLATED=ray-probe $(BIN)/python -m pytest -q tests/agents/test_ray_probe.py
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not ray"

@@ -47,7 +47,12 @@ def make_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # More connections than request threads (AnyIO runs sync routes on 40), plus the
+    # scheduler loop, the heartbeat writer and their lease/auth look-ups: a request thread
+    # that holds a connection while waiting for another must never find the pool empty
+    # with every thread waiting on it (that stalled 30+ concurrent registrations until the
+    # pool's timeout).
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=46)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -45,10 +45,11 @@ the row still names this holder and epoch and has not expired; otherwise it rais
 3. A leader paused *between* transactions (GC, SIGSTOP) fails its next fence: the lease
    has expired or moved on (usually its renewal, due by then, is refused first: the loop
    renews before a write transaction when a renewal is due, so that a long cycle keeps its
-   lease, and never takes a new term in the middle of a cycle). A leader paused *inside* a transaction keeps its share lock,
-   so the takeover waits; PostgreSQL ends that session once it has been idle in its
-   transaction for ``ttl_s`` (``idle_in_transaction_session_timeout``, set by the fence for
-   the transaction), which rolls it back and frees the lock. When the paused process
+   lease, and never takes a new term in the middle of a cycle). A leader paused *inside*
+   a transaction keeps its share lock, so the takeover waits; PostgreSQL ends that
+   session once it has been idle in its transaction for ``ttl_s``
+   (``idle_in_transaction_session_timeout``, set by the fence for the transaction), which
+   rolls it back and frees the lock. When the paused process
    resumes, its next statement or its commit fails. A pause costs takeover time, never a
    double write.
 
