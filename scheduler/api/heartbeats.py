@@ -119,7 +119,8 @@ class HeartbeatBatcher:
         with self._cond:
             if self._stopping:
                 raise Unavailable("the server is shutting down: retry against another replica")
-            self._queue.append(_Pending(HeartbeatItem(name, principal, body), future, loop))
+            item = HeartbeatItem(name, principal, body, received_at=self.clock())
+            self._queue.append(_Pending(item, future, loop))
             self._cond.notify()
         return await future
 

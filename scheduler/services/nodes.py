@@ -262,7 +262,13 @@ def check_heartbeat(node: Node, gpus: dict[str, Gpu], body: Heartbeat) -> None:
 
 
 def apply_heartbeat(
-    session: Session, *, node: Node, gpus: dict[str, Gpu], body: Heartbeat, now: datetime
+    session: Session,
+    *,
+    node: Node,
+    gpus: dict[str, Gpu],
+    body: Heartbeat,
+    now: datetime,
+    received_at: datetime | None = None,
 ) -> None:
     """A checked heartbeat's changes to the node and its GPUs (flushed by the caller).
 
@@ -296,7 +302,9 @@ def apply_heartbeat(
         log.info("node %s: NVML answers again", node.name)
     node.gpu_source_error = body.gpu_source_error
     if body.sent_at is not None:
-        skew = int((body.sent_at - now).total_seconds() * 1000)
+        # Against when the request arrived, not when its batch was written: time queued
+        # in the server is not the agent's clock being off.
+        skew = int((body.sent_at - (received_at or now)).total_seconds() * 1000)
         if abs(skew) > SKEW_WARN_MS and (
             node.clock_skew_ms is None or abs(node.clock_skew_ms) <= SKEW_WARN_MS
         ):
@@ -318,6 +326,7 @@ class HeartbeatItem:
     name: str
     principal: Principal
     body: Heartbeat
+    received_at: datetime | None = None
 
 
 def heartbeat_many(
@@ -348,7 +357,14 @@ def heartbeat_many(
         except AndromedaError as exc:
             answers.append(exc)
             continue
-        apply_heartbeat(session, node=node, gpus=gpus[node.id], body=item.body, now=now)
+        apply_heartbeat(
+            session,
+            node=node,
+            gpus=gpus[node.id],
+            body=item.body,
+            now=now,
+            received_at=item.received_at,
+        )
         if item.body.evidence:
             evidence.append((node, item.body.evidence))
         answers.append(node)
