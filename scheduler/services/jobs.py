@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import JSON, Integer, Text, bindparam, cast, column
+from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
+from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, col, func, select, update
 
 from scheduler.attribution import lineage
-from scheduler.db.models import Allocation, AllocationGpu, Gpu, Job, JobLog, Node, Provider, Site
+from scheduler.db.models import (
+    Allocation,
+    AllocationGpu,
+    Gpu,
+    Job,
+    JobLog,
+    Model,
+    ModelVersion,
+    Node,
+    Provider,
+    Site,
+)
 from scheduler.domain.enums import JobStatus
 from scheduler.domain.gpu_models import model_matches
 from scheduler.domain.jobspec import JobSpec
@@ -24,7 +37,7 @@ from scheduler.errors import NotFound, ValidationFailed
 from scheduler.policy import JobRequest
 from scheduler.policy.constraints import describe_constraint, node_matches
 from scheduler.schemas import AllocationPublic, JobDetail, JobPublic, WorkerPublic
-from scheduler.services import packages
+from scheduler.services import fleet, packages
 from scheduler.services.transitions import gpu_seconds, transition_job
 
 
@@ -44,9 +57,12 @@ def submit_job(
         session, spec, allow_unknown_model=allow_unknown_model, allow_oversize=allow_oversize
     )
     try:
-        version = lineage.resolve(session, lineage.parse_reference(spec.model))
+        ref = lineage.parse_reference(spec.model)
     except ValueError as exc:
         raise ValidationFailed("model", str(exc)) from None
+    version_id = session.execute(_VERSION_ID, {"model": ref.model, "version": ref.version}).scalar()
+    if version_id is None:
+        version_id = lineage.resolve(session, ref).id  # the 422 that says how to register it
     if spec.package and not packages.exists(session, sha256=spec.package):
         raise ValidationFailed(
             "package", f"{spec.package} has not been uploaded (PUT /v1/packages/{{sha256}})"
@@ -54,7 +70,7 @@ def submit_job(
     job = Job(
         name=spec.name,
         model_name=spec.model,
-        model_version_id=version.id,
+        model_version_id=version_id,
         owner=owner,
         priority_class=spec.priority,
         priority=spec.priority.value_int,
@@ -74,9 +90,27 @@ def submit_job(
         else "queued; this control plane runs no scheduler (started with --no-scheduler)",
         submitted_at=now,
     )
+    # One prepared INSERT of every column the ORM would write, then the row joins the
+    # session as if it had been flushed (later changes to it are ordinary UPDATEs): this
+    # costs a fraction of the unit of work's flush, on the busiest write route but one.
+    row = {key: getattr(job, key) for key in _JOB_COLUMNS}
+    inserted = session.connection().execute(_INSERT_JOB, row).inserted_primary_key
+    assert inserted is not None
+    job.id = inserted[0]
+    make_transient_to_detached(job)
     session.add(job)
-    session.flush()
     return job
+
+
+# Built once: a statement built per call costs more than the round trip it makes.
+_VERSION_ID = (
+    sa_select(col(ModelVersion.id))
+    .join(Model, col(Model.id) == col(ModelVersion.model_id))
+    .where(col(Model.name) == bindparam("model"), col(ModelVersion.version) == bindparam("version"))
+)
+_JOB_TABLE = Job.__table__  # type: ignore[attr-defined]
+_JOB_COLUMNS = tuple(c.key for c in _JOB_TABLE.columns if c.key != "id")
+_INSERT_JOB = sa_insert(_JOB_TABLE)
 
 
 def _check_against_fleet(
@@ -88,36 +122,39 @@ def _check_against_fleet(
     skips it, for a model about to join), GPUs per worker against the largest matching node,
     and the whole gang against the largest matching site (``allow_oversize`` skips it).
 
-    The database does the counting, in one pass over the GPUs: how many nodes of each
-    site have how many GPUs of each kind (model, memory). That is a few rows per site, not
-    one per node, and every check follows from them."""
-    per_node = (
-        select(
-            col(Node.site_id).label("site_id"),
-            col(Gpu.model).label("model"),
-            col(Gpu.memory_bytes).label("memory"),
-            func.count(col(Gpu.id)).label("gpus"),
-        )
-        .join(Gpu, col(Gpu.node_id) == col(Node.id))
-        .group_by(col(Node.id), col(Node.site_id), col(Gpu.model), col(Gpu.memory_bytes))
-        .subquery("per_node")
+    They run against the fleet's summary that this process keeps (``services/fleet.py``: a
+    few rows per site, counted by the database in one query, at most a few seconds old); a
+    refusal is always confirmed against a summary computed after the submission arrived."""
+    fleet.check(
+        session,
+        lambda summary: _refusal(
+            summary,
+            spec,
+            allow_unknown_model=allow_unknown_model,
+            allow_oversize=allow_oversize,
+        ),
     )
-    shape = (per_node.c.site_id, per_node.c.model, per_node.c.memory, per_node.c.gpus)
-    rows = session.execute(sa_select(*shape, func.count()).group_by(*shape)).all()
-    if not rows:
-        return
+
+
+def _refusal(
+    summary: fleet.FleetSummary,
+    spec: JobSpec,
+    *,
+    allow_unknown_model: bool,
+    allow_oversize: bool,
+) -> ValidationFailed | None:
+    """Why the fleet of ``summary`` could never host ``spec``'s gang, or None."""
+    if not summary.rows:
+        return None
     request = _request_of(spec)
-    models = sorted({model for _, model, _, _, _ in rows})
-    fits: dict[tuple[str, int], bool] = {}
-    for _, model, memory, _, _ in rows:
-        if (model, memory) not in fits:
-            fits[(model, memory)] = node_matches(request, model, memory)
+    models = summary.models
+    fits = {kind: node_matches(request, *kind) for kind in summary.kinds}
     # (site, GPUs of one kind on one node, nodes with that many)
-    matching = [(site, gpus, nodes) for site, m, mem, gpus, nodes in rows if fits[(m, mem)]]
+    matching = [(site, gpus, nodes) for site, m, mem, gpus, nodes in summary.rows if fits[(m, mem)]]
     if spec.gpu.model and not any(model_matches(spec.gpu.model, m) for m in models):
         if allow_unknown_model:
-            return
-        raise ValidationFailed(
+            return None
+        return ValidationFailed(
             "gpu.model",
             f"no node of the fleet has ever had {spec.gpu.model} GPUs (the fleet has "
             f"{', '.join(models)}); submit with --allow-unknown-model if such nodes are about "
@@ -125,14 +162,14 @@ def _check_against_fleet(
         )
     if not matching:
         if allow_unknown_model:
-            return
-        raise ValidationFailed(
+            return None
+        return ValidationFailed(
             "gpu",
             f"no node of the fleet has {describe_constraint(request)} (it has {', '.join(models)})",
         )
     largest = max(gpus for _, gpus, _ in matching)
     if spec.gpus_per_worker > largest:
-        raise ValidationFailed(
+        return ValidationFailed(
             "gpus_per_worker",
             f"{spec.gpus_per_worker} GPUs per worker, but the largest node has {largest}",
         )
@@ -141,12 +178,13 @@ def _check_against_fleet(
         per_site[site] = per_site.get(site, 0) + nodes * (gpus // spec.gpus_per_worker)
     best = max(per_site.values())
     if spec.workers > best and not allow_oversize:
-        raise ValidationFailed(
+        return ValidationFailed(
             "workers",
             f"{spec.workers} workers x {spec.gpus_per_worker} GPUs, but the largest site can "
             f"hold {best} such workers (a gang never spans sites); submit with "
             "--allow-oversize if that capacity is about to join",
         )
+    return None
 
 
 def _request_of(spec: JobSpec) -> JobRequest:
@@ -240,24 +278,28 @@ def write_pending_reasons(session: Session, *, reasons: dict[int, str]) -> int:
 
 
 def job_public(job: Job) -> JobPublic:
+    return JobPublic(**_public_fields(job))
+
+
+def _public_fields(job: Job) -> dict[str, Any]:
     assert job.id is not None
-    return JobPublic(
-        id=job.id,
-        name=job.name,
-        model=job.model_name,
-        owner=job.owner,
-        priority=job.priority_class,
-        preemptible=job.preemptible,
-        workers=job.num_workers,
-        gpus_per_worker=job.gpus_per_worker,
-        gpu_model=job.gpu_model,
-        status=job.status,
-        pending_reason=job.pending_reason,
-        error=job.error,
-        attempts=job.attempts,
-        submitted_at=job.submitted_at,
-        finished_at=job.finished_at,
-    )
+    return {
+        "id": job.id,
+        "name": job.name,
+        "model": job.model_name,
+        "owner": job.owner,
+        "priority": job.priority_class,
+        "preemptible": job.preemptible,
+        "workers": job.num_workers,
+        "gpus_per_worker": job.gpus_per_worker,
+        "gpu_model": job.gpu_model,
+        "status": job.status,
+        "pending_reason": job.pending_reason,
+        "error": job.error,
+        "attempts": job.attempts,
+        "submitted_at": job.submitted_at,
+        "finished_at": job.finished_at,
+    }
 
 
 def allocations_public(session: Session, *, job_id: int) -> list[AllocationPublic]:
@@ -319,11 +361,17 @@ def _phase(alloc: Allocation) -> Literal["starting", "running", "stopping", "end
 
 def job_detail(session: Session, *, job: Job) -> JobDetail:
     assert job.id is not None
-    return JobDetail(
-        **job_public(job).model_dump(),
-        entrypoint=job.entrypoint,
-        allocations=allocations_public(session, job_id=job.id),
-    )
+    return _detail(job, allocations_public(session, job_id=job.id))
+
+
+def submitted_detail(job: Job) -> JobDetail:
+    """The detail of a job that ``submit_job`` stored in this transaction: it has no
+    allocation yet (nothing else sees the job before the commit), so nothing to read."""
+    return _detail(job, [])
+
+
+def _detail(job: Job, allocations: list[AllocationPublic]) -> JobDetail:
+    return JobDetail(**_public_fields(job), entrypoint=job.entrypoint, allocations=allocations)
 
 
 def stored_logs(session: Session, *, allocation_id: int) -> dict[int, str]:
