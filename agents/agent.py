@@ -59,6 +59,7 @@ from scheduler.schemas import (
     GpuReport,
     GpuSampleIn,
     Heartbeat,
+    HeartbeatAck,
     MigInstanceReport,
     NodePublic,
     NodeRegister,
@@ -84,6 +85,13 @@ def retryable(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError):
         return True
     return isinstance(exc, ApiError) and (exc.status_code >= 500 or exc.status_code in (408, 429))
+
+
+def busy_gpus(node: NodePublic | HeartbeatAck) -> set[str]:
+    """UUIDs of the node's GPUs that open allocations hold, from either kind of answer."""
+    if isinstance(node, HeartbeatAck):
+        return set(node.busy)
+    return {g.uuid for g in node.gpus if g.busy}
 
 
 class StopNow(BaseException):  # noqa: N818 - a signal, not an error
@@ -151,7 +159,8 @@ class Agent:
         client.on_response = self._observe
         self.windows = WindowAggregator(options.evidence_window_s)
         self.spool = spool  # opened by run(); --once sends no evidence
-        self.last_node: NodePublic | None = None  # the latest heartbeat's answer
+        # The latest answer about the node: a heartbeat's, or a status change's.
+        self.last_node: NodePublic | HeartbeatAck | None = None
         self._source_error: str | None = None
         self._unreachable_since: float | None = None
         self._drain_deadline: float | None = None  # monotonic; set when the drain began
@@ -315,7 +324,7 @@ class Agent:
             self._source_error = None
         return samples
 
-    def heartbeat_once(self) -> NodePublic:
+    def heartbeat_once(self) -> HeartbeatAck:
         """Sample, spool the windows this completes, and send one heartbeat carrying the
         newest waiting windows; those leave the spool on its 200. Raises what the client
         raises (``ConnectionError``, ``ApiError``)."""
@@ -353,7 +362,7 @@ class Agent:
             self._spooling(lambda: spool.remove(acked))
         if isinstance(self.reader, SimulatedReader):
             # Simulated GPUs look busy exactly while the control plane has them allocated.
-            self.reader.set_busy({g.uuid for g in node.gpus if g.busy})
+            self.reader.set_busy(busy_gpus(node))
         self.last_node = node
         return node
 
@@ -387,7 +396,7 @@ class Agent:
             )
         return result
 
-    def keep_spool_status(self, node: NodePublic) -> None:
+    def keep_spool_status(self, node: NodePublic | HeartbeatAck) -> None:
         """Cordon the node while the spool is nearly full; make it ready again when the
         spool has drained, unless someone else changed the status meanwhile."""
         if self.spool is None:
@@ -458,7 +467,7 @@ class Agent:
         assert self._drain_deadline is not None
         node = self.last_node
         if self._drain_marked and self._drain_heard and node is not None:
-            busy = [g.uuid for g in node.gpus if g.busy]
+            busy = busy_gpus(node)
             if not busy:
                 log.info("node %s is drained: none of its GPUs is held", node.name)
                 return True
@@ -469,7 +478,7 @@ class Agent:
                     "work on this node is handled by the control plane's lost-node rule)"
                 )
             else:
-                held = sum(g.busy for g in node.gpus) if node is not None else "some"
+                held = len(busy_gpus(node)) if node is not None else "some"
                 log.error("drain timeout with %s GPU(s) still held; stopping now", held)
             return True
         return False
@@ -481,7 +490,7 @@ class Agent:
         if self.drain_requested.is_set():
             self.begin_drain()
         self.supervise_ray()
-        node: NodePublic | None = None
+        node: HeartbeatAck | None = None
         try:
             node = self.heartbeat_once()
         except ConnectionError as exc:

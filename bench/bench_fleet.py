@@ -7,7 +7,8 @@ Usage (from the repository root)::
     .venv/bin/python bench/bench_fleet.py [--nodes 1000] [--interval-s 4] [--duration 30] \\
         [--loads 0.5,1] [--submit-rate 50] [--max-rate-s 10] [--workers 2] \\
         [--connections 256] [--register-connections 16] [--no-evidence] [--scheduler] \\
-        [--profile server.txt]
+        [--heartbeat-path fast|fastapi] [--site-batch-s 0.25] [--server-processes 1] \\
+        [--mixed-only] [--profile server.txt]
 
     # the fleet-scale test: 20,000 agents every 4 s (5,000 heartbeats/s) and 50 submissions/s
     .venv/bin/python bench/bench_fleet.py --nodes 20000 --duration 300 --loads 1
@@ -61,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -143,9 +145,19 @@ class Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.body = b""  # the last answer's body (kept only when asked for)
 
-    async def send(self, raw: bytes) -> int:
-        """The answer's status; 0 when the connection broke (it reconnects next time)."""
+    async def send(self, raw: bytes, keep: bool = False) -> int:
+        """The answer's status; 0 when the connection broke (it reconnects next time). A
+        kept-alive connection the server closed while idle (uvicorn does after 5 s) is
+        opened again and the request sent once more, as HTTP clients do."""
+        reused = self.writer is not None
+        status = await self._send(raw, keep)
+        if status == 0 and reused:
+            status = await self._send(raw, keep)
+        return status
+
+    async def _send(self, raw: bytes, keep: bool) -> int:
         try:
             if self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -157,7 +169,8 @@ class Connection:
             at = lower.find(b"\r\ncontent-length:")
             if at >= 0:
                 end = lower.index(b"\r\n", at + 2)
-                await self.reader.readexactly(int(lower[at + 17 : end]))
+                body = await self.reader.readexactly(int(lower[at + 17 : end]))
+                self.body = body if keep else b""
             elif b"\r\ntransfer-encoding: chunked" in lower:
                 while True:
                     size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
@@ -196,6 +209,8 @@ class Heartbeats:
     interval_s: float
     phase: float  # this worker's offset, as a fraction of the interval
     evidence: bool
+    site_batch_s: float = 0.0  # > 0: sent as each site's relay would, batched this often
+    sites: dict[str, str] = field(default_factory=dict)  # provider token -> its site
 
 
 @dataclass
@@ -298,7 +313,8 @@ async def _run(plan: Plan, host: str, port: int) -> tuple[dict[str, RouteStats],
         return routes, 0
 
     # open loop: requests are queued when due, connections take them as they come free
-    queue: asyncio.Queue[tuple[str, float, Callable[[], bytes]] | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[str, float, Callable[[], bytes], list[float] | None] | None]
+    queue = asyncio.Queue()
     start = loop.time() + 0.5
     end = start + plan.duration_s
 
@@ -322,12 +338,48 @@ async def _run(plan: Plan, host: str, port: int) -> tuple[dict[str, RouteStats],
                 if closed_minute > last_minute[j]:
                     minute = last_minute[j] = closed_minute
 
+            if hb.site_batch_s:
+                batches.setdefault(token, []).append((name, minute, due))
+                i += 1
+                continue
+
             def make(name: str = name, token: str = token, minute: int | None = minute) -> bytes:
                 body = _heartbeat_body(name, minute)
                 return request("POST", f"/v1/nodes/{name}/heartbeat", token, body)
 
-            queue.put_nowait(("heartbeat", due, make))
+            queue.put_nowait(("heartbeat", due, make, None))
             i += 1
+
+    # A site's relay: the heartbeats of its nodes that came due meanwhile, in one request
+    # every ``site_batch_s`` (a node's latency counts from when its heartbeat was due).
+    batches: dict[str, list[tuple[str, int | None, float]]] = {}
+
+    async def relays(hb: Heartbeats) -> None:
+        tokens = sorted(hb.sites)
+        tick = hb.site_batch_s / len(tokens)  # each site's relay at its own moment
+        k = 0
+        while True:
+            await asyncio.sleep(tick)
+            token = tokens[k % len(tokens)]
+            k += 1
+            items = batches.get(token)
+            if items:
+                batches[token] = []
+
+                def make(
+                    token: str = token, items: list[tuple[str, int | None, float]] = items
+                ) -> bytes:
+                    nodes = b",".join(
+                        b'{"name":"%s","heartbeat":%s}' % (n.encode(), _heartbeat_body(n, m))
+                        for n, m, _ in items
+                    )
+                    site = hb.sites[token]
+                    path = f"/v1/sites/{site}/heartbeats"
+                    return request("POST", path, token, b'{"nodes":[' + nodes + b"]}")
+
+                queue.put_nowait(("site batch", items[0][2], make, [d for _, _, d in items]))
+            if loop.time() >= end and not any(batches.values()):
+                return
 
     async def submits() -> None:
         if not plan.submit_rate or not plan.submits:
@@ -342,7 +394,7 @@ async def _run(plan: Plan, host: str, port: int) -> tuple[dict[str, RouteStats],
             if due > now:
                 await asyncio.sleep(due - now)
             raw = plan.submits[i % len(plan.submits)]
-            queue.put_nowait(("submit job", due, lambda raw=raw: raw))
+            queue.put_nowait(("submit job", due, lambda raw=raw: raw, None))
             i += 1
 
     async def sender(conn: Connection) -> None:
@@ -350,16 +402,29 @@ async def _run(plan: Plan, host: str, port: int) -> tuple[dict[str, RouteStats],
             item = await queue.get()
             if item is None:
                 return
-            route, due, make = item
+            route, due, make, nodes_due = item
             if loop.time() > end + 30:  # far behind: what is left counts as not sent
                 continue
-            status = await conn.send(make())
-            stats(route).record(loop.time() - due, status)
+            status = await conn.send(make(), keep=nodes_due is not None)
+            done = loop.time()
+            stats(route).record(done - due, status)
+            if nodes_due is not None:  # each node of a site's batch, with its own answer
+                codes = [200] * len(nodes_due)
+                if status == 200:
+                    answers = json.loads(conn.body)["nodes"]
+                    codes = [a["status_code"] for a in answers]
+                else:
+                    codes = [status] * len(nodes_due)
+                node_stats = stats("heartbeat (in site batches)")
+                for d, code in zip(nodes_due, codes, strict=False):
+                    node_stats.record(done - d, code)
 
     tasks = [asyncio.create_task(sender(c)) for c in conns]
     producers = []
     if plan.heartbeats is not None:
         producers.append(heartbeats(plan.heartbeats))
+        if plan.heartbeats.site_batch_s:
+            producers.append(relays(plan.heartbeats))
     producers.append(submits())
     await asyncio.gather(*producers)
     behind = queue.qsize()
@@ -459,9 +524,18 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (``andromeda server --workers N``)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(int(c) for c in children)]
+
+
 class Usage:
-    """CPU of the server process and of its PostgreSQL backends over a phase, and the
-    server's resident memory (sampled every 0.2 s for the peak)."""
+    """CPU of the server's processes and of their PostgreSQL backends over a phase, and the
+    server's resident memory (all its processes; sampled every 0.2 s for the peak)."""
 
     def __init__(self, server_pid: int, backends: Callable[[], list[int]]) -> None:
         self.server_pid = server_pid
@@ -471,24 +545,30 @@ class Usage:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p) for p in family(self.server_pid))
+
+    def rss(self) -> int:
+        return sum(rss_bytes(p) for p in family(self.server_pid))
+
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak_rss = max(self.peak_rss, rss_bytes(self.server_pid))
+            self.peak_rss = max(self.peak_rss, self.rss())
 
     def begin(self) -> tuple[float, dict[int, float], float]:
-        self.peak_rss = rss_bytes(self.server_pid)
+        self.peak_rss = self.rss()
         pg = {pid: cpu_seconds(pid) for pid in self.backends()}
-        return cpu_seconds(self.server_pid), pg, time.perf_counter()
+        return self.cpu(), pg, time.perf_counter()
 
     def end(self, mark: tuple[float, dict[int, float], float]) -> dict[str, float]:
         server0, pg0, wall0 = mark
         wall = time.perf_counter() - wall0
         pg = sum(cpu_seconds(pid) - pg0.get(pid, 0.0) for pid in self.backends())
         return {
-            "server_cores": (cpu_seconds(self.server_pid) - server0) / wall,
+            "server_cores": (self.cpu() - server0) / wall,
             "pg_cores": pg / wall,
-            "rss_mib": rss_bytes(self.server_pid) / 2**20,
-            "peak_rss_mib": max(self.peak_rss, rss_bytes(self.server_pid)) / 2**20,
+            "rss_mib": self.rss() / 2**20,
+            "peak_rss_mib": max(self.peak_rss, self.rss()) / 2**20,
         }
 
     def close(self) -> None:
@@ -501,6 +581,7 @@ class Fleet:
     app_name: str
     provider_tokens: list[str]
     engineer_token: str
+    admin_token: str
 
 
 def prepare(url: str, app_name: str) -> Fleet:
@@ -516,18 +597,28 @@ def prepare(url: str, app_name: str) -> Fleet:
                 create_token(s, name=f"agents-{i}", role=Role.provider, provider_name=p.name)[1]
             )
         _, engineer = create_token(s, name="engineers", role=Role.engineer)
+        _, admin_secret = create_token(s, name="bench-admin", role=Role.admin)
         model = lineage.create_model(s, name="llm", description="", created_by="bench")
         lineage.create_version(s, model=model, version="v1", parent=None, created_by="bench")
     engine.dispose()
-    return Fleet(url, app_name, tokens, engineer)
+    return Fleet(url, app_name, tokens, engineer, admin_secret)
 
 
-def start_server(fleet: Fleet, port: int, scheduler: bool, errors: Any) -> subprocess.Popen[bytes]:
+def start_server(
+    fleet: Fleet,
+    port: int,
+    scheduler: bool,
+    errors: Any,
+    fast_path: bool = True,
+    processes: int = 1,
+) -> subprocess.Popen[bytes]:
     """``andromeda server`` on the fleet's schema; its log (warnings and worse) to ``errors``."""
     sep = "&" if "?" in fleet.url else "?"
     env = dict(os.environ, DATABASE_URL=f"{fleet.url}{sep}application_name={fleet.app_name}")
+    env["ANDROMEDA_HEARTBEAT_FAST_PATH"] = "true" if fast_path else "false"
     cmd = [sys.executable, "-m", "scheduler", "server", "--port", str(port)]
-    cmd += ["--log-level", "warning"] + ([] if scheduler else ["--no-scheduler"])
+    cmd += ["--log-level", "warning", "--workers", str(processes)]
+    cmd += [] if scheduler else ["--no-scheduler"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -601,6 +692,7 @@ class PhaseResult:
     usage: dict[str, float] | None
     span_s: float  # what rates are per: the phase's duration, or its wall time
     target: dict[str, float] = field(default_factory=dict)
+    writer: dict[str, float] | None = None  # the server's heartbeat writer in this phase
 
 
 def fmt_ms(seconds: float) -> str:
@@ -641,8 +733,8 @@ def ceiling(args: argparse.Namespace) -> PhaseResult:
 class Phases:
     """The phases against the real server; each appends a ``PhaseResult``."""
 
-    def __init__(self, args: argparse.Namespace, port: int, usage: Usage) -> None:
-        self.args, self.port, self.usage = args, port, usage
+    def __init__(self, args: argparse.Namespace, port: int, usage: Usage, admin: str) -> None:
+        self.args, self.port, self.usage, self.admin = args, port, usage, admin
         self.per_worker = max(1, args.connections // args.workers)
         self.results: list[PhaseResult] = []
 
@@ -663,18 +755,36 @@ class Phases:
                  "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
+        before = self.writer()
         mark = self.usage.begin()
         routes, gen = run_phase(plans, "127.0.0.1", self.port)
         used = self.usage.end(mark)
+        after = self.writer()
         if spy is not None:
             spy.wait(60)
         span = plans[0].duration_s if plans[0].kind == "open" else gen.wall_s
-        self.results.append(PhaseResult(name, routes, gen, used, span, target or {}))
+        writer = {k: after[k] - before[k] for k in ("batches", "heartbeats", "write_ms")}
+        self.results.append(PhaseResult(name, routes, gen, used, span, target or {}, writer))
         for route, s in routes.items():
             log(
                 f"  {route}: {s.requests} requests, {s.errors} errors, "
                 f"{s.requests / span:,.0f}/s, p99 {fmt_ms(s.quantile(0.99))} ms"
             )
+
+    def writer(self) -> dict[str, float]:
+        """The server's heartbeat writer so far (``GET /v1/admin/heartbeats``; with several
+        server processes each answers for itself, so the figures are left out)."""
+        if self.args.server_processes > 1:
+            return {"batches": 0, "heartbeats": 0, "write_ms": 0.0}
+        url = f"http://127.0.0.1:{self.port}/v1/admin/heartbeats"
+        ask = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.admin}"})
+        with urllib.request.urlopen(ask, timeout=30) as answer:
+            stats = json.loads(answer.read())
+        return {
+            "batches": stats["batches"],
+            "heartbeats": stats["heartbeats"],
+            "write_ms": stats["mean_write_ms"] * stats["batches"],
+        }
 
     def all(self, fleet: Fleet) -> None:
         args, per_worker, workers = self.args, self.per_worker, self.args.workers
@@ -704,7 +814,14 @@ class Phases:
                     "open",
                     per_worker,
                     args.duration,
-                    heartbeats=Heartbeats(share, interval, w / workers, not args.no_evidence),
+                    heartbeats=Heartbeats(
+                        share,
+                        interval,
+                        w / workers,
+                        not args.no_evidence,
+                        args.site_batch_s,
+                        {t: f"fleet-{i:02d}" for i, t in enumerate(fleet.provider_tokens)},
+                    ),
                     submits=submits if w == 0 else [],
                     submit_rate=submit_rate if w == 0 else 0.0,
                 )
@@ -721,7 +838,7 @@ class Phases:
                 {"heartbeat": rate, "submit job": submit_rate},
             )
 
-        for load in loads:
+        for load in [] if args.mixed_only else loads:
             open_loop(load, 0.0)
         if loads and args.submit_rate:
             open_loop(loads[-1], args.submit_rate)
@@ -766,9 +883,12 @@ def against_server(args: argparse.Namespace) -> list[PhaseResult]:
         fleet = prepare(f"{PG_URL}{sep}options=-csearch_path%3D{schema}", app_name=schema)
         port = free_port()
         with tempfile.TemporaryFile() as server_log:
-            server = start_server(fleet, port, args.scheduler, server_log)
+            fast = args.heartbeat_path == "fast"
+            server = start_server(
+                fleet, port, args.scheduler, server_log, fast, args.server_processes
+            )
             usage = Usage(server.pid, backends)
-            phases = Phases(args, port, usage)
+            phases = Phases(args, port, usage, fleet.admin_token)
             try:
                 phases.all(fleet)
             finally:
@@ -787,6 +907,11 @@ def against_server(args: argparse.Namespace) -> list[PhaseResult]:
                 )
                 if bad:
                     log("the last errors:\n" + "\n".join(bad[-10:]))
+                kinds = Counter(
+                    " ".join(line.split()[2:])[:60] for line in lines if " WARNING " in line
+                )
+                for kind, count in kinds.most_common(3):
+                    log(f"  {count:,} warnings like: {kind}")
         return phases.results
     finally:
         with admin.begin() as conn:
@@ -811,6 +936,30 @@ def main() -> None:
         "--register-connections", type=int, default=16, help="registrations at a time, in all"
     )
     parser.add_argument("--no-evidence", action="store_true", help="samples only")
+    parser.add_argument(
+        "--mixed-only",
+        action="store_true",
+        help="skip the heartbeats-only open loops: only the last load with submissions",
+    )
+    parser.add_argument(
+        "--server-processes",
+        type=int,
+        default=1,
+        help="andromeda server --workers: processes serving the one port",
+    )
+    parser.add_argument(
+        "--site-batch-s",
+        type=float,
+        default=0.0,
+        help="> 0: heartbeats go as each site's relay sends them, one batch per site this "
+        "often (POST /v1/sites/{site}/heartbeats); 0: each node's on its own",
+    )
+    parser.add_argument(
+        "--heartbeat-path",
+        choices=["fast", "fastapi"],
+        default="fast",
+        help="serve heartbeats on the fast path (default) or FastAPI's route (the baseline)",
+    )
     parser.add_argument("--scheduler", action="store_true", help="run the scheduling loop too")
     parser.add_argument(
         "--profile",
@@ -934,6 +1083,27 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
         ],
         rows,
     )
+    print()
+    print("The server's heartbeat writer in each phase (GET /v1/admin/heartbeats)")
+    rows = []
+    for r in results:
+        w = r.writer
+        if not w or not w["batches"]:
+            continue
+        rows.append(
+            [
+                r.name,
+                f"{w['batches']:,.0f}",
+                f"{w['heartbeats'] / w['batches']:.1f}",
+                f"{w['write_ms'] / w['batches']:.2f}",
+                f"{w['write_ms'] / 1000 / r.span_s:.2f}",
+            ]
+        )
+    print_table(
+        ["phase", "transactions", "heartbeats per transaction", "ms per transaction",
+         "writer busy (fraction of the phase)"],
+        rows,
+    )  # fmt: skip
     errors = {route: dict(s.codes) for r in results for route, s in r.routes.items() if s.errors}
     if errors:
         print(f"answers of routes with errors (status: count; 0: connection broken): {errors}")

@@ -18,6 +18,7 @@ from scheduler.schemas import (
     EvidenceAck,
     EvidenceBatch,
     Heartbeat,
+    HeartbeatAck,
     JobDetail,
     JobLogs,
     JobPublic,
@@ -160,11 +161,11 @@ class ApiClient:
         data = self.request("POST", "/v1/nodes/register", json=body.model_dump(mode="json"))
         return NodeRegistered.model_validate(data)
 
-    def heartbeat(self, name: str, body: Heartbeat) -> NodePublic:
+    def heartbeat(self, name: str, body: Heartbeat) -> HeartbeatAck:
         data = self.request(
             "POST", f"/v1/nodes/{name}/heartbeat", json=body.model_dump(mode="json")
         )
-        return NodePublic.model_validate(data)
+        return HeartbeatAck.model_validate(data)
 
     def post_evidence(self, name: str, body: EvidenceBatch) -> EvidenceAck:
         data = self.request("POST", f"/v1/nodes/{name}/evidence", json=body.model_dump(mode="json"))

@@ -63,6 +63,25 @@ class Settings(BaseSettings):
         description="how long a heartbeat token check is cached (a revoked token keeps "
         "heartbeating at most this long)",
     )
+    heartbeat_sample_flush_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="how often the GPUs' newest metrics (utilisation, power, ...) are written; "
+        "liveness, health and evidence are written before each heartbeat is answered",
+    )
+    heartbeat_directory_refresh_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="how often the heartbeat path re-reads the nodes it checks heartbeats "
+        "against (what another replica changed is seen within this)",
+    )
+    heartbeat_fast_path: bool = Field(
+        default=True,
+        description="serve heartbeats beside FastAPI's router (scheduler/api/fastpath.py); "
+        "off, the FastAPI route serves them (the benchmark's baseline)",
+    )
     node_lost_after_s: int = Field(default=45, ge=2)
     site_report_interval_s: float = Field(
         default=5.0, gt=0, description="how often a site's agent reports when nothing changes"

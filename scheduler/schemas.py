@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scheduler.domain.enums import (
     CommitmentLevel,
@@ -18,7 +18,7 @@ from scheduler.domain.enums import (
     Role,
 )
 from scheduler.domain.jobspec import NAME_RE
-from scheduler.domain.limits import INT32_MAX, INT64_MAX, CleanText
+from scheduler.domain.limits import INT32_MAX, INT64_MAX, CleanText, reject_nul_in
 
 
 class _In(CleanText):
@@ -135,7 +135,7 @@ class NodeRegister(_In):
     gpus: list[GpuReport] = Field(min_length=1, max_length=64)
 
 
-class GpuSampleIn(_In):
+class GpuSampleIn(_In, nul_check=False):  # Heartbeat checks its text
     uuid: str = Field(min_length=4, max_length=96)
     health: GpuHealth = GpuHealth.unknown
     health_reasons: list[Reason] = Field(
@@ -154,7 +154,7 @@ EVIDENCE_WINDOW_S = 60
 """Evidence windows are aligned to this many seconds of the server's clock."""
 
 
-class EvidenceWindow(_In):
+class EvidenceWindow(_In, nul_check=False):  # its holders check its text
     """What one GPU did over [start_s, end_s) (Unix seconds, server clock as the agent
     estimates it), aggregated by the agent from its samples. Keyed by (node, GPU,
     start_s): sending a window twice stores it once."""
@@ -199,11 +199,22 @@ class Heartbeat(_In):
     )
     evidence: list[EvidenceWindow] = Field(default_factory=list, max_length=2048)
 
+    @model_validator(mode="after")
+    def _no_nul_in_samples(self) -> Heartbeat:
+        reject_nul_in(self.gpus, ("uuid", "health_reasons", "throttle_reasons"), "gpus")
+        reject_nul_in(self.evidence, ("uuid",), "evidence")
+        return self
+
 
 class EvidenceBatch(_In):
     """Evidence a node's spool replays after an outage, oldest first."""
 
     windows: list[EvidenceWindow] = Field(min_length=1, max_length=20_000)
+
+    @model_validator(mode="after")
+    def _no_nul_in_windows(self) -> EvidenceBatch:
+        reject_nul_in(self.windows, ("uuid",), "windows")
+        return self
 
 
 class EvidenceAck(BaseModel):
@@ -248,6 +259,53 @@ class NodePublic(BaseModel):
     gpu_source_error: str | None = Field(
         default=None, description="set while NVML itself fails on the node"
     )
+
+
+class HeartbeatAck(BaseModel):
+    """The answer to a heartbeat: what the agent acts on, and nothing it does not (the
+    node's full view is ``GET /v1/nodes/{name}``). Sent once the heartbeat's liveness and
+    evidence are committed."""
+
+    name: str
+    status: NodeStatus
+    status_reason: str | None = None
+    status_set_by: str | None = Field(
+        default=None, description="who set the status by hand: admin or provider"
+    )
+    busy: list[str] = Field(
+        default_factory=list, description="UUIDs of the node's GPUs held by open allocations"
+    )
+    clock_skew_ms: int | None = Field(
+        default=None, description="the agent's clock minus the server's at this heartbeat"
+    )
+    evidence_stored: int = Field(default=0, description="windows of this heartbeat new to us")
+
+
+SITE_HEARTBEATS_MAX = 1_000
+"""A site's batch of heartbeats: at most this many nodes."""
+
+
+class NodeHeartbeat(_In):
+    name: str = Field(pattern=NAME_RE, description="the node the heartbeat is of")
+    heartbeat: Heartbeat
+
+
+class SiteHeartbeats(_In):
+    """Heartbeats of several nodes of one site in one request (a site's relay batches its
+    hosts' heartbeats): each is checked, recorded and answered as if sent alone."""
+
+    nodes: list[NodeHeartbeat] = Field(min_length=1, max_length=SITE_HEARTBEATS_MAX)
+
+
+class NodeHeartbeatAnswer(BaseModel):
+    name: str
+    status_code: int = Field(description="what the node's own heartbeat would have been answered")
+    ack: HeartbeatAck | None = Field(default=None, description="with 200")
+    detail: Any = Field(default=None, description="otherwise: why it was refused")
+
+
+class SiteHeartbeatsAck(BaseModel):
+    nodes: list[NodeHeartbeatAnswer] = Field(description="in the order of the request")
 
 
 class GpuConflictPublic(BaseModel):

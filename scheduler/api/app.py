@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from scheduler import __version__
 from scheduler.api import errors
 from scheduler.api.bodylimit import BodyLimit, BodyRule
+from scheduler.api.fastpath import HeartbeatFastPath
 from scheduler.api.heartbeats import HeartbeatBatcher
 from scheduler.api.notify import Changes, SiteNotifier
 from scheduler.api.routes import admin, attribution, jobs, nodes, packages, sites, usage
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 SITE_REPORT_MAX_BYTES = 64 * 2**20  # up to 64,000 characters of output per running worker
 REVENUE_BATCH_MAX_BYTES = 16 * 2**20  # up to 10,000 revenue events of up to about 1.2 KB
 EVIDENCE_BATCH_MAX_BYTES = 8 * 2**20  # up to 20,000 evidence windows of about 250 bytes
+SITE_HEARTBEATS_MAX_BYTES = 8 * 2**20  # up to 1,000 nodes' heartbeats with their evidence
 
 
 def body_rules(settings: Settings) -> list[BodyRule]:
@@ -48,6 +50,12 @@ def body_rules(settings: Settings) -> list[BodyRule]:
             hint="leave data sets and checkpoints out of working_dir (.gitignore)",
         ),
         BodyRule("POST", r"/v1/sites/[^/]+/report$", max(SITE_REPORT_MAX_BYTES, at_least)),
+        BodyRule(
+            "POST",
+            r"/v1/sites/[^/]+/heartbeats$",
+            max(SITE_HEARTBEATS_MAX_BYTES, at_least),
+            hint="send fewer nodes per batch",
+        ),
         BodyRule("POST", r"/v1/revenue-events$", max(REVENUE_BATCH_MAX_BYTES, at_least)),
         BodyRule(
             "POST",
@@ -74,6 +82,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         max_batch=settings.heartbeat_batch_max,
         max_wait_s=settings.heartbeat_batch_wait_s,
         auth_cache_s=settings.heartbeat_auth_cache_s,
+        sample_flush_s=settings.heartbeat_sample_flush_s,
+        directory_refresh_s=settings.heartbeat_directory_refresh_s,
     )
 
     @asynccontextmanager
@@ -115,13 +125,16 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             changes.wake_scheduler = lambda: None
             if thread is not None:
                 thread.stop()  # and releases the lease, for a standby to take at once
-            heartbeats.stop()  # writes what is queued
+            heartbeats.stop()  # writes what is queued and the samples held
 
     app = FastAPI(
         title="Andromeda compute scheduler",
         version=__version__,
         description="Places GPU training gangs on provider capacity and accounts every GPU-second.",
         lifespan=lifespan,
+        # No OpenTelemetry here: FastAPI's native hooks would look the providers up on
+        # every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -131,6 +144,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.state.scheduler_thread = None
     app.state.leader_lease = None  # a LeaderLease while the loop is enabled here
     errors.install(app)
+    if settings.heartbeat_fast_path:  # inside the body limit, which applies to it too
+        app.add_middleware(HeartbeatFastPath, batcher=lambda: heartbeats)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, rules=body_rules(settings))
     for module in (admin, nodes, sites, packages, jobs, usage, attribution):
         app.include_router(module.router, prefix="/v1")
@@ -142,3 +157,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         return {"status": "ok"}
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one process of ``andromeda server --workers N`` (settings from the
+    environment, as the command left them)."""
+    import os
+    import sys
+
+    level = os.environ.get("ANDROMEDA_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.setswitchinterval(0.001)  # as `andromeda server` does (scheduler/cli/admin.py)
+    return create_app(Settings())

@@ -17,15 +17,21 @@ from scheduler.domain.explain import explain_errors
 from scheduler.errors import AndromedaError, Unauthenticated, ValidationFailed
 
 
-async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AndromedaError)
+def domain_error(exc: AndromedaError) -> tuple[int, dict[str, object], dict[str, str] | None]:
+    """Status, body and headers of a domain error's answer."""
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
     body: dict[str, object]
     if isinstance(exc, ValidationFailed):
         body = {"detail": [{"loc": ["body", exc.field], "msg": exc.detail, "type": "value_error"}]}
     else:
         body = {"detail": exc.message}
-    return JSONResponse(status_code=exc.status_code, content=body, headers=headers)
+    return exc.status_code, body, headers
+
+
+async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AndromedaError)
+    status, body, headers = domain_error(exc)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -27,7 +30,17 @@ from scheduler.schemas import NodePublic
     type=click.Choice(["debug", "info", "warning"]),
     help="Requests are logged only at debug.",
 )
-def server(host: str | None, port: int | None, no_scheduler: bool, log_level: str) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Server processes on the one port (PostgreSQL only): each serves the API and "
+    "takes heartbeats; one at a time runs the scheduling loop (the lease decides).",
+)
+def server(
+    host: str | None, port: int | None, no_scheduler: bool, log_level: str, workers: int
+) -> None:
     """Run the control plane: migrations, REST API, scheduler loop.
 
     The database is DATABASE_URL (default: a SQLite file under ~/.andromeda). The control
@@ -38,6 +51,11 @@ def server(host: str | None, port: int | None, no_scheduler: bool, log_level: st
 
     from scheduler.api.app import create_app
     from scheduler.db.migrate import upgrade
+
+    # The heartbeat writer thread waits on the database a few times per batch; each time
+    # it wants the GIL back from a busy event loop it waits up to the switch interval
+    # (5 ms by default): 1 ms keeps a batch's round trips from queueing behind requests.
+    sys.setswitchinterval(0.001)
 
     overrides: dict[str, object] = {}
     if host:
@@ -57,26 +75,40 @@ def server(host: str | None, port: int | None, no_scheduler: bool, log_level: st
             PolicyConfig.from_file(settings.policy_config)
         except PolicyConfigError as exc:
             raise click.ClickException(f"ANDROMEDA_POLICY_CONFIG: {exc}") from None
+    if workers > 1 and not settings.database_url.startswith("postgresql"):
+        raise click.ClickException(
+            "--workers needs PostgreSQL: SQLite takes one writer, and one server process"
+        )
     upgrade(settings.database_url)
-    app = create_app(settings)
     logging.getLogger("scheduler").info(
-        "andromeda server %s on http://%s:%s, database %s, scheduler %s",
+        "andromeda server %s on http://%s:%s, database %s, scheduler %s%s",
         __version__,
         settings.host,
         settings.port,
         _safe_url(settings.database_url),
         "on" if settings.scheduler_enabled else "off",
+        f", {workers} processes" if workers > 1 else "",
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        access_log=log_level == "debug",
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=10,
-    )
+    served_as: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": log_level,
+        "access_log": log_level == "debug",
+        "loop": "uvloop",
+        "http": "httptools",
+        "timeout_graceful_shutdown": 10,
+    }
+    if workers > 1:
+        # Each process builds its own app from the environment (uvicorn starts them).
+        os.environ["ANDROMEDA_LOG_LEVEL"] = log_level
+        for key, value in overrides.items():
+            os.environ[f"ANDROMEDA_{key.upper()}"] = str(value)
+        uvicorn.run(
+            "scheduler.api.app:app_from_environment", factory=True, workers=workers, **served_as
+        )
+        return
+    app = create_app(settings)
+    config = uvicorn.Config(app, **served_as)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

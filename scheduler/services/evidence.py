@@ -84,20 +84,22 @@ def store_evidence(
     for w in windows:
         if w.uuid not in known:
             raise ValidationFailed("windows", f"GPU {w.uuid} is not registered on this node")
-    (ack,) = store_evidence_many(session, [(node, windows)], now=now, grain=grain)
+    assert node.id is not None
+    (ack,) = store_evidence_many(session, [(node.id, windows)], now=now, grain=grain)
     return ack
 
 
 def store_evidence_many(
     session: Session,
-    batches: Sequence[tuple[Node, Sequence[EvidenceWindow]]],
+    batches: Sequence[tuple[int, Sequence[EvidenceWindow]]],
     *,
     now: datetime,
     grain: Grain,
 ) -> list[EvidenceAck]:
-    """``store_evidence`` for several nodes at once, with a fixed number of statements;
-    every window's GPU must be registered on its node (checked by the caller)."""
-    node_ids = sorted({n.id for n, _ in batches if n.id is not None})
+    """``store_evidence`` for several nodes (by id) at once, with a fixed number of
+    statements; every window's GPU must be registered on its node (checked by the
+    caller)."""
+    node_ids = sorted({n for n, _ in batches})
     gpu_ids = {
         (nid, uuid): gid
         for nid, uuid, gid in session.exec(
@@ -107,17 +109,17 @@ def store_evidence_many(
     }
     rows: dict[str, dict[str, object]] = {}
     owners: list[list[str]] = []
-    for node, windows in batches:
+    for node_id, windows in batches:
         keys = []
         for w in windows:
-            key = f"{node.id}:{w.uuid}:{w.start_s}"
+            key = f"{node_id}:{w.uuid}:{w.start_s}"
             keys.append(key)
             rows.setdefault(
                 key,
                 {
                     "key": key,
-                    "node_id": node.id,
-                    "gpu_id": gpu_ids[(node.id, w.uuid)],  # type: ignore[index]
+                    "node_id": node_id,
+                    "gpu_id": gpu_ids[(node_id, w.uuid)],
                     "start_s": w.start_s,
                     "end_s": w.end_s,
                     "samples": w.samples,
@@ -146,13 +148,13 @@ def store_evidence_many(
         credited = credit_gaps(session, gpu_ids=touched, now=now, grain=grain)
         annotate_usage(session, gpu_ids=touched, lo_s=lo, hi_s=hi)
     acks = []
-    for (node, windows), keys in zip(batches, owners, strict=True):
+    for (node_id, windows), keys in zip(batches, owners, strict=True):
         fresh = sum(1 for k in set(keys) if k not in known)
         acks.append(
             EvidenceAck(
                 stored=fresh,
                 duplicates=len(windows) - fresh,
-                credited_gpu_seconds=credited.get(node.id or 0, 0),
+                credited_gpu_seconds=credited.get(node_id, 0),
             )
         )
     return acks

@@ -9,7 +9,6 @@ back to ``ready``.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,12 +28,10 @@ from scheduler.db.models import (
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import EndReason, GpuHealth, NodeStatus
 from scheduler.domain.gpu_models import canonical_model
-from scheduler.domain.periods import Grain
-from scheduler.errors import AndromedaError, Conflict, Forbidden, NotFound, ValidationFailed
-from scheduler.schemas import EvidenceWindow, GpuPublic, Heartbeat, NodePublic, NodeRegister
+from scheduler.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from scheduler.schemas import GpuPublic, NodePublic, NodeRegister
 from scheduler.services.providers import active_agreement
 from scheduler.services.sites import site_for_node
-from scheduler.services.tokens import Principal
 from scheduler.services.transitions import request_stop
 
 log = logging.getLogger(__name__)
@@ -244,140 +241,6 @@ SKEW_WARN_MS = 5_000
 """A node whose clock is further than this from the server's is reported (its evidence
 windows are aligned to the server's clock by the agent, so this is a warning, not an
 error)."""
-
-
-def check_heartbeat(node: Node, gpus: dict[str, Gpu], body: Heartbeat) -> None:
-    """Refuse a heartbeat before anything of it is written: a retired node (409), GPUs
-    (in samples or evidence) the node has not registered (422)."""
-    if node.status == NodeStatus.retired:
-        raise Conflict(f"node {node.name!r} was retired: stop its agent")
-    unknown = [s.uuid for s in body.gpus if s.uuid not in gpus]
-    if unknown:
-        raise ValidationFailed("gpus", f"GPUs not registered on this node: {', '.join(unknown)}")
-    strangers = sorted({w.uuid for w in body.evidence if w.uuid not in gpus})
-    if strangers:
-        raise ValidationFailed(
-            "evidence", f"GPUs not registered on this node: {', '.join(strangers)}"
-        )
-
-
-def apply_heartbeat(
-    session: Session,
-    *,
-    node: Node,
-    gpus: dict[str, Gpu],
-    body: Heartbeat,
-    now: datetime,
-    received_at: datetime | None = None,
-) -> None:
-    """A checked heartbeat's changes to the node and its GPUs (flushed by the caller).
-
-    A node whose NVML broke (``gpu_source_error``) has its GPUs set unknown with the cause
-    (a known failure stays known) and takes no new work until NVML answers again; the skew
-    between the agent's clock and ours is kept; a lost node is back."""
-    for sample in body.gpus:
-        gpu = gpus[sample.uuid]
-        gpu.health = sample.health
-        gpu.health_reasons = "; ".join(sample.health_reasons)[:1000] or None
-        gpu.utilization_pct = sample.utilization_pct
-        gpu.memory_used_bytes = sample.memory_used_bytes
-        gpu.temperature_c = sample.temperature_c
-        gpu.power_mw = sample.power_mw
-        gpu.energy_mj = sample.energy_mj
-        gpu.process_count = sample.process_count
-        gpu.throttle_reasons = (
-            None if sample.throttle_reasons is None else ",".join(sample.throttle_reasons)[:500]
-        )
-        gpu.sampled_at = now
-        session.add(gpu)
-    if body.gpu_source_error:
-        if node.gpu_source_error != body.gpu_source_error:
-            log.warning("node %s: NVML is broken: %s", node.name, body.gpu_source_error)
-        for gpu in gpus.values():
-            if gpu.health != GpuHealth.failed:  # a known fault stays known
-                gpu.health = GpuHealth.unknown
-                gpu.health_reasons = f"NVML broken on the node: {body.gpu_source_error}"[:1000]
-                session.add(gpu)
-    elif node.gpu_source_error:
-        log.info("node %s: NVML answers again", node.name)
-    node.gpu_source_error = body.gpu_source_error
-    if body.sent_at is not None:
-        # Against when the request arrived, not when its batch was written: time queued
-        # in the server is not the agent's clock being off.
-        skew = int((body.sent_at - (received_at or now)).total_seconds() * 1000)
-        if abs(skew) > SKEW_WARN_MS and (
-            node.clock_skew_ms is None or abs(node.clock_skew_ms) <= SKEW_WARN_MS
-        ):
-            log.warning("node %s: its clock is %+.1f s off the server's", node.name, skew / 1000)
-        node.clock_skew_ms = skew
-    if node.last_heartbeat_at is None or node.last_heartbeat_at < now:
-        node.last_heartbeat_at = now
-    if node.status == NodeStatus.lost:  # only ready nodes are ever marked lost
-        log.info("node %s is back after being lost", node.name)
-        node.status = NodeStatus.ready
-        node.status_reason = None
-    session.add(node)
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatItem:
-    """One heartbeat of a batch: the node it names, who sent it, what it says."""
-
-    name: str
-    principal: Principal
-    body: Heartbeat
-    received_at: datetime | None = None
-
-
-def heartbeat_many(
-    session: Session, items: Sequence[HeartbeatItem], *, now: datetime, grain: Grain
-) -> list[NodePublic | AndromedaError]:
-    """Record a batch of heartbeats in one transaction with a fixed number of statements
-    (not a few per heartbeat); each item's answer is its node as the API shows it, or the
-    error that refused it alone (an unknown node, another provider's token, a GPU the node
-    does not have): one bad heartbeat does not fail the others."""
-    from scheduler.services.evidence import store_evidence_many
-
-    names = sorted({i.name for i in items})
-    nodes = {n.name: n for n in session.exec(select(Node).where(col(Node.name).in_(names)))}
-    node_ids = [n.id for n in nodes.values()]
-    gpus: dict[int, dict[str, Gpu]] = defaultdict(dict)
-    for gpu in session.exec(select(Gpu).where(col(Gpu.node_id).in_(node_ids))):
-        gpus[gpu.node_id][gpu.uuid] = gpu
-    answers: list[NodePublic | AndromedaError | Node] = []
-    evidence: list[tuple[Node, Sequence[EvidenceWindow]]] = []
-    for item in items:
-        node = nodes.get(item.name)
-        try:
-            if node is None:
-                raise NotFound(f"node {item.name!r} not found")
-            item.principal.require_node(node)
-            assert node.id is not None
-            check_heartbeat(node, gpus[node.id], item.body)
-        except AndromedaError as exc:
-            answers.append(exc)
-            continue
-        apply_heartbeat(
-            session,
-            node=node,
-            gpus=gpus[node.id],
-            body=item.body,
-            now=now,
-            received_at=item.received_at,
-        )
-        if item.body.evidence:
-            evidence.append((node, item.body.evidence))
-        answers.append(node)
-    session.flush()
-    if evidence:
-        store_evidence_many(session, evidence, now=now, grain=grain)
-    answered = sorted({a.id for a in answers if isinstance(a, Node) and a.id is not None})
-    if not answered:
-        return [a for a in answers if not isinstance(a, Node)]
-    rows = {r.node.id: r for r in load_nodes(session, node_ids=answered)}
-    held = held_gpu_ids(session, node_ids=answered)
-    public = {nid: node_public(row, held) for nid, row in rows.items()}
-    return [public[a.id] if isinstance(a, Node) else a for a in answers]
 
 
 def set_node_status(

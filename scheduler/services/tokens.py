@@ -51,9 +51,13 @@ class Principal:
 
     def require_node(self, node: Node) -> None:
         """A node's own provider (and, for a site's registration token, its own site)."""
-        self.require_provider(node.provider_id)
-        if self.site_id is not None and node.site_id != self.site_id:
-            raise Forbidden(f"this token registers nodes of another site, not {node.name!r}")
+        self.require_node_of(node.provider_id, node.site_id, node.name)
+
+    def require_node_of(self, provider_id: int, site_id: int, name: str) -> None:
+        """``require_node`` from what the heartbeat path keeps of a node."""
+        self.require_provider(provider_id)
+        if self.site_id is not None and site_id != self.site_id:
+            raise Forbidden(f"this token registers nodes of another site, not {name!r}")
 
 
 def hash_token(secret: str) -> str:

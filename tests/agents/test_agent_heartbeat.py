@@ -69,6 +69,7 @@ def test_the_agent_sends_everything_the_reader_knows(
     agent = make_agent(server.url, token, tmp_path, reader=reader)
     agent.register()
     agent.step()
+    server.app.state.heartbeats.flush_samples()  # metrics are written every few seconds
     with session_of() as s:
         node = s.exec(select(Node).where(Node.name == "node-1")).one()
         gpus = s.exec(select(Gpu).where(Gpu.node_id == node.id).order_by(col(Gpu.index))).all()

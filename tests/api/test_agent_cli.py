@@ -128,6 +128,7 @@ def test_an_agent_replaying_real_nvml_sends_the_gpus_details(server, tokens, ses
     queries = snapshot["devices"][0]["queries"]
     result = _agent(server, tokens["orion"], "--name", "gpu-host-1", "--replay", str(recording))
     assert result.exit_code == 0, result.output
+    server.app.state.heartbeats.flush_samples()  # metrics are written every few seconds
     with session_of() as s:
         node = s.exec(select(Node).where(Node.name == "gpu-host-1")).one()
         (gpu,) = s.exec(select(Gpu).where(Gpu.node_id == node.id)).all()

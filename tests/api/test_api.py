@@ -177,7 +177,9 @@ def test_an_agent_registers_heartbeats_and_its_node_shows_its_gpus(server, fleet
         json={"gpus": [{"uuid": "GPU-v2-0", "health": "ok", "utilization_pct": 87}]},
     )
     assert hb.status_code == 200, hb.text
-    gpus = {g["uuid"]: g for g in hb.json()["gpus"]}
+    assert hb.json()["status"] == "ready" and hb.json()["busy"] == []
+    shown = call(server, fleet["vega"], "GET", "/v1/nodes/vega-2")
+    gpus = {g["uuid"]: g for g in shown.json()["gpus"]}
     assert gpus["GPU-v2-0"]["utilization_pct"] == 87 and gpus["GPU-v2-0"]["health"] == "ok"
     assert gpus["GPU-v2-1"]["health"] == "unknown"
     bad = call(

@@ -199,9 +199,10 @@ def test_heartbeats_carry_evidence_skew_and_a_broken_nvml_over_http(server, sess
     w = window(GPU0, 0).model_dump(mode="json")
     skewed = (utcnow() + timedelta(seconds=30)).isoformat()
     body = {"gpus": [{"uuid": GPU0, "health": "ok"}], "evidence": [w], "sent_at": skewed}
-    for _ in range(2):  # a retried heartbeat stores its window once
+    for stored in (1, 0):  # a retried heartbeat stores its window once
         hb = _call(server, orion_token, "POST", "/v1/nodes/orion-1/heartbeat", json=body)
         assert hb.status_code == 200, hb.text
+        assert hb.json()["evidence_stored"] == stored
     assert 25_000 < hb.json()["clock_skew_ms"] < 35_000
     replay = _call(server, orion_token, "POST", "/v1/nodes/orion-1/evidence", json={"windows": [w]})
     assert replay.status_code == 200 and replay.json()["duplicates"] == 1
@@ -215,12 +216,15 @@ def test_heartbeats_carry_evidence_skew_and_a_broken_nvml_over_http(server, sess
     )
     assert bad.status_code == 422 and "end_s must be after start_s" in bad.text
     broken = {"gpus": [], "gpu_source_error": "NVML: Driver Not Loaded"}
-    node = _call(server, orion_token, "POST", "/v1/nodes/orion-1/heartbeat", json=broken).json()
+    hb = _call(server, orion_token, "POST", "/v1/nodes/orion-1/heartbeat", json=broken)
+    assert hb.status_code == 200, hb.text
+    node = _call(server, orion_token, "GET", "/v1/nodes/orion-1").json()
     assert node["gpu_source_error"] == "NVML: Driver Not Loaded"
     assert {g["health"] for g in node["gpus"]} == {"unknown"}
     assert all("NVML broken on the node" in g["health_reasons"] for g in node["gpus"])
     healed = {"gpus": [{"uuid": GPU0, "health": "ok"}, {"uuid": GPU1, "health": "ok"}]}
-    node = _call(server, orion_token, "POST", "/v1/nodes/orion-1/heartbeat", json=healed).json()
+    _call(server, orion_token, "POST", "/v1/nodes/orion-1/heartbeat", json=healed)
+    node = _call(server, orion_token, "GET", "/v1/nodes/orion-1").json()
     assert node["gpu_source_error"] is None and {g["health"] for g in node["gpus"]} == {"ok"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from typing import Annotated
 
@@ -284,4 +285,49 @@ def scheduler_leader(request: Request, session: SessionDep, who: PrincipalDep) -
         expires_at=state.expires_at,
         answered_by=mine,
         answered_by_leader=state.live and state.holder == mine,
+    )
+
+
+# --- the heartbeat intake of this server ------------------------------------------------------
+class HeartbeatIntakePublic(BaseModel):
+    """What this server's heartbeat writer has done since it started (scheduler/api/
+    heartbeats.py); each replica answers for itself."""
+
+    pid: int = Field(description="the server process that answered")
+    batches: int = Field(description="transactions written")
+    heartbeats: int = Field(description="heartbeats in them")
+    mean_batch: float = Field(description="heartbeats per transaction")
+    largest_batch: int
+    mean_write_ms: float = Field(description="wall time of one batch's transaction")
+    failed_batches: int = Field(description="batches answered 503 (the database failed)")
+    queued: int = Field(description="heartbeats waiting for the writer now")
+    nodes_known: int = Field(description="nodes in this server's directory")
+    directory_loads: int
+    sample_flushes: int
+    samples_written: int = Field(description="GPU samples written by the flushes")
+    mean_sample_flush_ms: float
+
+
+@router.get("/admin/heartbeats", response_model=HeartbeatIntakePublic)
+def heartbeat_intake(request: Request, who: PrincipalDep) -> HeartbeatIntakePublic:
+    """The heartbeat writer's figures on this server: batch sizes and write times."""
+    who.require(Role.admin)
+    batcher = request.app.state.heartbeats
+    s = batcher.stats
+    return HeartbeatIntakePublic(
+        pid=os.getpid(),
+        batches=s.batches,
+        heartbeats=s.heartbeats,
+        mean_batch=round(s.heartbeats / s.batches, 2) if s.batches else 0.0,
+        largest_batch=s.largest,
+        mean_write_ms=round(s.write_s / s.batches * 1000, 3) if s.batches else 0.0,
+        failed_batches=s.failed_batches,
+        queued=batcher.queued(),
+        nodes_known=batcher.nodes_known(),
+        directory_loads=s.directory_loads,
+        sample_flushes=s.sample_flushes,
+        samples_written=s.samples_written,
+        mean_sample_flush_ms=(
+            round(s.sample_flush_s / s.sample_flushes * 1000, 3) if s.sample_flushes else 0.0
+        ),
     )

@@ -17,6 +17,7 @@ from scheduler.schemas import (
     EvidenceAck,
     EvidenceBatch,
     Heartbeat,
+    HeartbeatAck,
     NodePublic,
     NodeRegister,
     NodeRegistered,
@@ -29,10 +30,16 @@ from scheduler.services.providers import get_provider
 router = APIRouter(prefix="/nodes", tags=["nodes"])
 
 
-def _public(session: SessionDep, node: Node) -> NodePublic:
-    """One node as the API shows it; reads only that node's rows (heartbeats are hot)."""
+def _public(session: SessionDep, node: Node, request: Request) -> NodePublic:
+    """One node as the API shows it, with the newest GPU samples this process holds."""
     (row,) = svc.load_nodes(session, node_id=node.id)
-    return svc.node_public(row, svc.held_gpu_ids(session, node_id=node.id))
+    public = svc.node_public(row, svc.held_gpu_ids(session, node_id=node.id))
+    return _heartbeats(request).overlay(public)
+
+
+def _heartbeats(request: Request) -> HeartbeatBatcher:
+    batcher: HeartbeatBatcher = request.app.state.heartbeats
+    return batcher
 
 
 @router.post("/register", response_model=NodeRegistered)
@@ -43,6 +50,7 @@ def register(
     settings: SettingsDep,
     changes: ChangesDep,
     tasks: BackgroundTasks,
+    request: Request,
     provider: str | None = Query(default=None, description="admins only: act for this provider"),
 ) -> NodeRegistered:
     """Called by the agent at start: creates or refreshes the node and its GPU inventory.
@@ -78,7 +86,8 @@ def register(
         svc.record_conflicts(session, error=exc, now=utcnow())
         session.commit()
         raise
-    public = _public(session, node)
+    _heartbeats(request).forget(node.name)  # its GPUs may have changed
+    public = _public(session, node, request)
     tasks.add_task(changes.schedule)
     return NodeRegistered(
         node=public,
@@ -94,16 +103,20 @@ def register(
     )
 
 
-@router.post("/{name}/heartbeat", response_model=NodePublic)
+@router.post("/{name}/heartbeat", response_model=HeartbeatAck)
 async def heartbeat(
     name: str, body: Heartbeat, request: Request, credentials: BearerDep
-) -> NodePublic:
+) -> Response:
     """Liveness, the latest samples, and the evidence windows completed since the last
-    heartbeat (stored once each: a retried heartbeat doubles nothing). Answered once it is
-    committed, with other heartbeats, in one transaction (scheduler/api/heartbeats.py)."""
+    heartbeat (stored once each: a retried heartbeat doubles nothing). Answered once its
+    liveness and evidence are committed, with other heartbeats, in one transaction; the
+    GPUs' metrics are written every few seconds (scheduler/api/heartbeats.py). The answer
+    is what the agent acts on (status, busy GPUs); the node's full view is
+    ``GET /v1/nodes/{name}``."""
     batcher: HeartbeatBatcher = request.app.state.heartbeats
     who = await batcher.principal(credentials.credentials if credentials else None)
-    return await batcher.submit(name, who, body)
+    ack = await batcher.submit(name, who, body)
+    return Response(ack.__pydantic_serializer__.to_json(ack), media_type="application/json")
 
 
 @router.post("/{name}/evidence", response_model=EvidenceAck)
@@ -121,12 +134,12 @@ def evidence(
 
 
 @router.delete("/{name}", response_model=NodePublic)
-def remove(name: str, session: SessionDep, who: PrincipalDep) -> NodePublic:
+def remove(name: str, session: SessionDep, who: PrincipalDep, request: Request) -> NodePublic:
     """Retire a node for good (it must hold no work: drain it first); its history stays."""
     node = svc.get_node(session, name=name)
     who.require_node(node)
     svc.remove_node(session, node=node, now=utcnow())
-    return _public(session, node)
+    return _public(session, node, request)
 
 
 @router.get("", response_model=list[NodePublic], description="Nodes by name. " + paging.PAGED)
@@ -144,18 +157,19 @@ def list_nodes(
         session, provider_id=who.provider_id if who.role is Role.provider else None
     )
     rows = paging.window(rows, lambda r: r.node.name, page)
+    overlay = _heartbeats(request).overlay
     return [
-        svc.node_public(r, held)
+        overlay(svc.node_public(r, held))
         for r in paging.finish(rows, lambda r: r.node.name, page, request, response)
     ]
 
 
 @router.get("/{name}", response_model=NodePublic)
-def get_node(name: str, session: SessionDep, who: PrincipalDep) -> NodePublic:
+def get_node(name: str, session: SessionDep, who: PrincipalDep, request: Request) -> NodePublic:
     node = svc.get_node(session, name=name)
     if who.role is Role.provider:
         who.require_provider(node.provider_id)
-    return _public(session, node)
+    return _public(session, node, request)
 
 
 @router.post("/{name}/status", response_model=NodePublic)
@@ -166,6 +180,7 @@ def set_status(
     who: PrincipalDep,
     changes: ChangesDep,
     tasks: BackgroundTasks,
+    request: Request,
 ) -> NodePublic:
     """Drain (no new work; running work gets the reclaim notice to checkpoint, then moves
     elsewhere, or finishes where it is with ``let_finish``), cordon, or make ready again."""
@@ -183,4 +198,4 @@ def set_status(
     if moved:
         tasks.add_task(changes.sites, [node.site_id])
     tasks.add_task(changes.schedule)
-    return _public(session, node)
+    return _public(session, node, request)

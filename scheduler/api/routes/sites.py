@@ -16,11 +16,20 @@ from sqlmodel import col, func, select
 
 from scheduler.api import paging
 from scheduler.api.deps import BearerDep, ChangesDep, PrincipalDep, SessionDep, SettingsDep
+from scheduler.api.heartbeats import HeartbeatBatcher
 from scheduler.db.engine import session_scope
 from scheduler.db.models import Node, Provider, Site
 from scheduler.db.types import utcnow
 from scheduler.domain.enums import Role
-from scheduler.schemas import SiteAssignments, SiteCreate, SitePublic, SiteReport, SiteReportResult
+from scheduler.schemas import (
+    SiteAssignments,
+    SiteCreate,
+    SiteHeartbeats,
+    SiteHeartbeatsAck,
+    SitePublic,
+    SiteReport,
+    SiteReportResult,
+)
 from scheduler.services import sites as svc
 from scheduler.services.providers import get_provider
 from scheduler.services.tokens import Principal, authenticate
@@ -147,3 +156,17 @@ def report(
     if outcome.freed or outcome.finished or outcome.requeued or outcome.joined:
         tasks.add_task(changes.schedule)  # GPUs came free, or a node joined Ray
     return outcome.result
+
+
+@router.post("/sites/{name}/heartbeats", response_model=SiteHeartbeatsAck)
+async def heartbeats(
+    name: str, body: SiteHeartbeats, request: Request, credentials: BearerDep
+) -> Response:
+    """Heartbeats of several nodes of this site in one request, as a site's relay sends
+    them: each is checked, recorded and answered as ``POST /v1/nodes/{node}/heartbeat``
+    would (its status code and answer, or why it was refused), one refused refusing none
+    of the others. At most 1,000 nodes."""
+    batcher: HeartbeatBatcher = request.app.state.heartbeats
+    who = await batcher.principal(credentials.credentials if credentials else None)
+    ack = await batcher.submit_site(name, who, body)
+    return Response(ack.__pydantic_serializer__.to_json(ack), media_type="application/json")
