@@ -3,8 +3,9 @@
 batch).
 
 A fleet sends thousands of heartbeats a second (scheduler/api/heartbeats.py). Through
-FastAPI's routing and dependency machinery one costs about a millisecond of CPU here, ten
-times what its own work does (parse and check the body, queue it, answer); this ASGI
+FastAPI's routing and dependency machinery one costs about 1.35 ms of CPU here, twice what
+it costs beside them (0.67 ms: docs/BENCHMARKS.md, the fast path against FastAPI's
+route); this ASGI
 middleware answers exactly those routes itself and hands every other request to the app.
 It keeps the route's contract: the same body model and limits (the body-limit middleware
 outside it still applies), the same errors in the same shapes (401 with

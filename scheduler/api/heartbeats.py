@@ -21,7 +21,7 @@ samples a second. The design (docs/ARCHITECTURE.md, "Heartbeats at fleet scale")
   acknowledged, and the ledger, metered to the last stored heartbeat, loses no GPU-second.
 - **What is not.** The GPUs' metrics (utilisation, memory, power, energy, temperature,
   processes, throttle reasons) are kept in memory, newest per GPU, and written every
-  ``sample_flush_s`` in one statement per 5,000 GPUs: they inform people, not the ledger
+  ``sample_flush_s``, 2,000 GPUs per transaction: they inform people, not the ledger
   (which is metered from allocations and evidence) nor the scheduler (which reads health).
   A crash loses at most that many seconds of them; this process's API shows the newest.
 - **The answer** (``HeartbeatAck``) is what the agent acts on: status, who set it, the

@@ -216,7 +216,7 @@ def _liveness_sqlite(session: Session, rows: list[Liveness], now: datetime) -> d
                 .values(status=NodeStatus.ready, status_reason=None)
             )
     lost = {p["b_id"] for p in params if p["b_lost"]}
-    held = held_gpus(session, [p["b_id"] for p in params])
+    held = _held_by_node(session, [p["b_id"] for p in params])
     return {
         nid: NodeState(status, reason, set_by, skew, nid in lost, frozenset(held.get(nid, ())))
         for nid, status, reason, set_by, skew in session.execute(
@@ -295,28 +295,27 @@ _SAMPLES_PG = """
 
 
 def write_gpu_samples(session: Session, rows: Iterable[GpuSampleRow]) -> int:
-    """The latest metrics of each GPU of ``rows``; how many rows were written."""
+    """The latest metrics of each GPU of ``rows`` in one statement (the caller sizes the
+    batch: scheduler/api/heartbeats.py flushes 2,000 per transaction); how many."""
     rows = list(rows)
     if not rows:
         return 0
     if session.get_bind().dialect.name == "postgresql":
-        for i in range(0, len(rows), _CHUNK):
-            part = rows[i : i + _CHUNK]
-            _pg(
-                session,
-                _SAMPLES_PG,
-                {
-                    "ids": [r.gpu_id for r in part],
-                    "util": [r.utilization_pct for r in part],
-                    "mem": [r.memory_used_bytes for r in part],
-                    "temp": [r.temperature_c for r in part],
-                    "power": [r.power_mw for r in part],
-                    "energy": [r.energy_mj for r in part],
-                    "procs": [r.process_count for r in part],
-                    "throttle": [r.throttle_reasons for r in part],
-                    "at": [r.sampled_at for r in part],
-                },
-            )
+        _pg(
+            session,
+            _SAMPLES_PG,
+            {
+                "ids": [r.gpu_id for r in rows],
+                "util": [r.utilization_pct for r in rows],
+                "mem": [r.memory_used_bytes for r in rows],
+                "temp": [r.temperature_c for r in rows],
+                "power": [r.power_mw for r in rows],
+                "energy": [r.energy_mj for r in rows],
+                "procs": [r.process_count for r in rows],
+                "throttle": [r.throttle_reasons for r in rows],
+                "at": [r.sampled_at for r in rows],
+            },
+        )
         return len(rows)
     table = Gpu.__table__  # type: ignore[attr-defined]
     session.execute(
@@ -361,22 +360,11 @@ def _pg(session: Session, sql: str, params: dict[str, Any]) -> list[tuple[Any, .
         return cur.fetchall() if cur.description is not None else []
 
 
-def held_gpus(session: Session, node_ids: Sequence[int]) -> dict[int, set[int]]:
+def _held_by_node(session: Session, node_ids: Sequence[int]) -> dict[int, set[int]]:
     """GPU ids held by open allocations, by node (``allocation_gpu.released_at`` is NULL
-    exactly while its allocation's workers are not confirmed gone)."""
+    exactly while its allocation's workers are not confirmed gone). SQLite's
+    ``record_liveness``; PostgreSQL's reads them in its one statement."""
     held: dict[int, set[int]] = {}
-    if not node_ids:
-        return held
-    if session.get_bind().dialect.name == "postgresql":
-        rows = _pg(
-            session,
-            "SELECT node_id, gpu_id FROM allocation_gpu "
-            "WHERE node_id = ANY(%(ids)s) AND released_at IS NULL",
-            {"ids": list(node_ids)},
-        )
-        for node_id, gpu_id in rows:
-            held.setdefault(node_id, set()).add(gpu_id)
-        return held
     for node_id, gpu_id in session.exec(
         select(AllocationGpu.node_id, AllocationGpu.gpu_id).where(
             col(AllocationGpu.node_id).in_(node_ids), col(AllocationGpu.released_at).is_(None)
