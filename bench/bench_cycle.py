@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -45,15 +44,14 @@ from sqlmodel import col, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import database  # noqa: E402
 from scheduler.db.engine import make_engine, session_scope  # noqa: E402
-from scheduler.db.migrate import upgrade  # noqa: E402
 from scheduler.db.models import Allocation  # noqa: E402
 from scheduler.domain.enums import CommitmentLevel, EndReason, JobStatus  # noqa: E402
 from scheduler.domain.periods import Grain, period_of  # noqa: E402
 from scheduler.loop.cycle import CycleReport, Scheduler  # noqa: E402
 from scheduler.services.transitions import transition_job  # noqa: E402
 
-PG_URL = os.environ.get("DATABASE_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PROVIDERS = 50
 SITES_PER_PROVIDER = 3
 GPUS_PER_NODE = 8
@@ -437,15 +435,15 @@ def finish_some(engine: Engine, clock: Clock, k: int, rng: random.Random) -> Non
 
 
 def run(n_nodes: int, n_jobs: int, args: argparse.Namespace) -> tuple[Seeded, list[CycleReport]]:
-    schema = f"bench_cycle_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with database("postgresql") as url:
+        return _cycles(url, n_nodes, n_jobs, args)
+
+
+def _cycles(
+    url: str, n_nodes: int, n_jobs: int, args: argparse.Namespace
+) -> tuple[Seeded, list[CycleReport]]:
     engine = make_engine(url)
     try:
-        upgrade(url)
         t0 = datetime.now(UTC).replace(microsecond=0)
         rng = random.Random(42)
         log(f"{n_nodes:,} nodes: seeding ...")
@@ -483,9 +481,6 @@ def run(n_nodes: int, n_jobs: int, args: argparse.Namespace) -> tuple[Seeded, li
         return seeded, reports
     finally:
         engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

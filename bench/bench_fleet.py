@@ -75,6 +75,7 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import PG_URL, database  # noqa: E402
 from scheduler.attribution import lineage  # noqa: E402
 from scheduler.db.engine import make_engine, session_scope  # noqa: E402
 from scheduler.db.migrate import upgrade  # noqa: E402
@@ -84,7 +85,6 @@ from scheduler.services.providers import add_agreement, create_provider  # noqa:
 from scheduler.services.sites import create_site  # noqa: E402
 from scheduler.services.tokens import create_token  # noqa: E402
 
-PG_URL = os.environ.get("DATABASE_TEST_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PROVIDERS = 10
 GPUS = 8
 GPU_NAME, GPU_MEMORY = "NVIDIA H100 80GB HBM3", 85_520_809_984
@@ -864,59 +864,58 @@ class Phases:
 
 def against_server(args: argparse.Namespace) -> list[PhaseResult]:
     """A fresh schema and server; the phases against it; both gone afterwards."""
-    schema = f"bench_fleet_{uuid.uuid4().hex[:8]}"
+    app_name = f"bench_fleet_{uuid.uuid4().hex[:8]}"  # how its database backends are found
     admin = make_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
 
     def backends() -> list[int]:
         with admin.connect() as conn:
             return list(
                 conn.execute(
                     text("SELECT pid FROM pg_stat_activity WHERE application_name = :app"),
-                    {"app": schema},
+                    {"app": app_name},
                 ).scalars()
             )
 
     try:
-        fleet = prepare(f"{PG_URL}{sep}options=-csearch_path%3D{schema}", app_name=schema)
-        port = free_port()
-        with tempfile.TemporaryFile() as server_log:
-            fast = args.heartbeat_path == "fast"
-            server = start_server(
-                fleet, port, args.scheduler, server_log, fast, args.server_processes
-            )
-            usage = Usage(server.pid, backends)
-            phases = Phases(args, port, usage, fleet.admin_token)
-            try:
-                phases.all(fleet)
-            finally:
-                usage.close()
-                server.terminate()
-                try:
-                    server.wait(20)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                server_log.seek(0)
-                lines = server_log.read().decode(errors="replace").splitlines()
-                bad = [line for line in lines if " ERROR " in line or " CRITICAL " in line]
-                log(
-                    f"the server logged {len(lines):,} lines (warnings and worse), "
-                    f"{len(bad):,} of them errors"
-                )
-                if bad:
-                    log("the last errors:\n" + "\n".join(bad[-10:]))
-                kinds = Counter(
-                    " ".join(line.split()[2:])[:60] for line in lines if " WARNING " in line
-                )
-                for kind, count in kinds.most_common(3):
-                    log(f"  {count:,} warnings like: {kind}")
-        return phases.results
+        with database("postgresql") as url:
+            return _phases(args, prepare(url, app_name=app_name), backends)
     finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+def _phases(
+    args: argparse.Namespace, fleet: Fleet, backends: Callable[[], list[int]]
+) -> list[PhaseResult]:
+    port = free_port()
+    with tempfile.TemporaryFile() as server_log:
+        fast = args.heartbeat_path == "fast"
+        server = start_server(fleet, port, args.scheduler, server_log, fast, args.server_processes)
+        usage = Usage(server.pid, backends)
+        phases = Phases(args, port, usage, fleet.admin_token)
+        try:
+            phases.all(fleet)
+        finally:
+            usage.close()
+            server.terminate()
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            server_log.seek(0)
+            lines = server_log.read().decode(errors="replace").splitlines()
+            bad = [line for line in lines if " ERROR " in line or " CRITICAL " in line]
+            log(
+                f"the server logged {len(lines):,} lines (warnings and worse), "
+                f"{len(bad):,} of them errors"
+            )
+            if bad:
+                log("the last errors:\n" + "\n".join(bad[-10:]))
+            kinds = Counter(
+                " ".join(line.split()[2:])[:60] for line in lines if " WARNING " in line
+            )
+            for kind, count in kinds.most_common(3):
+                log(f"  {count:,} warnings like: {kind}")
+    return phases.results
 
 
 def main() -> None:
